@@ -1,0 +1,58 @@
+"""Top-1 / top-5 evaluation with a progress bar."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import VitqError
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    desc: str = "eval",
+) -> dict[str, Any]:
+    """Top-1 and top-5 accuracy (percent) of ``model`` over ``loader``.
+
+    Raises :class:`VitqError` if the model produces NaN/Inf logits (a broken
+    quantizer or checkpoint), naming the batch.
+    """
+    device = torch.device(device)
+    model.eval().to(device)
+    correct1 = correct5 = seen = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(loader.dataset), desc=desc, unit="img", disable=not progress, leave=False)
+    for batch_idx, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        if isinstance(logits, (tuple, list)):  # distilled DeiT in train mode returns two heads
+            logits = (logits[0] + logits[1]) / 2
+        if not torch.isfinite(logits).all():
+            raise VitqError(f"the model produced NaN/Inf logits on evaluation batch {batch_idx}: "
+                            "the checkpoint or quantization parameters are broken")
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top.eq(y[:, None])
+        correct1 += hit[:, 0].sum().item()
+        correct5 += hit.any(dim=1).sum().item()
+        seen += len(y)
+        bar.update(len(y))
+        bar.set_postfix(top1=f"{100.0 * correct1 / seen:.2f}")
+    bar.close()
+    if seen == 0:
+        raise VitqError("the evaluation data is empty")
+    seconds = time.perf_counter() - t0
+    return {
+        "top1": round(100.0 * correct1 / seen, 4),
+        "top5": round(100.0 * correct5 / seen, 4),
+        "images": seen,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(seen / seconds, 1),
+    }

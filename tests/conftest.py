@@ -1,0 +1,49 @@
+"""Shared fixtures: small synthetic image folders and tiny timm models built offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def write_colour_tree(root: Path, per_class: int = 4, size: int = 32) -> Path:
+    """ROOT/<colour>/<n>.png: solid-colour images with a little noise, classes sorted by name."""
+    rng = np.random.default_rng(0)
+    for name, rgb in COLOURS.items():
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = np.clip(np.array(rgb)[None, None, :] + rng.integers(-20, 20, (size, size, 3)), 0, 255)
+            Image.fromarray(arr.astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def colour_tree(tmp_path: Path) -> Path:
+    """An ImageNet-style folder with train/ and val/ splits of three colour classes."""
+    write_colour_tree(tmp_path / "colours" / "train")
+    write_colour_tree(tmp_path / "colours" / "val")
+    return tmp_path / "colours"
+
+
+@pytest.fixture
+def tiny_vit_dir(tmp_path: Path) -> Path:
+    """A vitq model folder (config.json + model.safetensors) holding a tiny random ViT."""
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=3)
+    torch.manual_seed(0)
+    model = VisionTransformer(**kwargs)
+    folder = tmp_path / "tiny_vit"
+    folder.mkdir()
+    save_file(model.state_dict(), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"arch_kwargs": kwargs, "mean": [0.5] * 3, "std": [0.5] * 3}))
+    return folder
