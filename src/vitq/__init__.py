@@ -1,3 +1,19 @@
-"""vitq: post-training quantization for Vision Transformers."""
+"""vitq: post-training quantization for Vision Transformers.
+
+    import vitq
+    model = vitq.load_model("cifar10_vit")
+    calib = vitq.calibration_images(model, "cifar10", 128)
+    qmodel = vitq.quantize(model, calib, "mse", w_bits=4, a_bits=4)
+"""
 
 __version__ = "0.1.0"
+
+from .api import calibration_images, load_quantized, quantize, recipe_of, save_quantized  # noqa: E402
+from .errors import VitqError  # noqa: E402
+from .models import load_model  # noqa: E402
+from .recipes import PRESETS, Recipe, get_recipe, recipe_names  # noqa: E402
+
+__all__ = [
+    "PRESETS", "Recipe", "VitqError", "calibration_images", "get_recipe", "load_model", "load_quantized",
+    "quantize", "recipe_names", "recipe_of", "save_quantized",
+]

@@ -52,6 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--seed", type=int, default=0, help="seed of the --limit sample (default 0)")
     _add_common(p_eval)
 
+    p_q = sub.add_parser("quantize", help="quantize a model, evaluate FP and quantized, save the quantized model")
+    _add_model(p_q)
+    p_q.add_argument("--data", required=True, help="'cifar10' or an image folder with train/ and val/")
+    p_q.add_argument("--recipe", default="mse", help="minmax, percentile, mse or repq (default mse)")
+    p_q.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
+    p_q.add_argument("--a-bits", type=int, default=4, help="activation bits, 2..8 (default 4)")
+    p_q.add_argument("--head-bits", type=int, default=None, help="keep the classifier head at these W/A bits (e.g. 8)")
+    p_q.add_argument("--patch-embed-bits", type=int, default=None, help="patch-embedding weight bits (e.g. 8)")
+    p_q.add_argument("--calib-size", type=_positive_int, default=None, help="calibration images (recipe default 128)")
+    p_q.add_argument("--calib-data", default=None, help="folder of calibration images (default: DATA's train split)")
+    p_q.add_argument("--calib-transform", choices=("eval", "train"), default="eval",
+                     help="preprocess calibration images with timm's eval transform (default) or its "
+                          "training augmentation, drawn once per image as FIMA-Q does")
+    p_q.add_argument("--eq-n", type=_positive_int, default=None, help="mse search: candidates per grid (default 128)")
+    p_q.add_argument("--search-rounds", type=int, default=None, help="mse search: coordinate-descent rounds (default 3)")
+    p_q.add_argument("--seed", type=int, default=0, help="fixes the calibration sample and every random draw")
+    p_q.add_argument("--limit", type=_positive_int, default=None,
+                     help="evaluate on a fixed random sample of N evaluation images")
+    p_q.add_argument("--skip-fp-eval", action="store_true", help="do not evaluate the FP model")
+    _add_common(p_q)
+
     p_demo = sub.add_parser("demo", help="the main job on the shipped reference model and CIFAR-10")
     _add_common(p_demo)
     return parser
@@ -89,33 +110,108 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# The demo's recipe: the best calibration recipe at W4/A4 in benchmarks/calibration.md.
+DEMO_RECIPE = "mse"
+DEMO_BITS = 4
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .api import calibration_images, quantize, save_quantized
     from .data import resolve_data
     from .models import load_model
+    from .recipes import get_recipe
     from .report import new_run_dir, stage, versions, write_json
-    from .runtime import resolve_device
+    from .runtime import resolve_device, seed_everything
 
     device = resolve_device(args.device)
+    seed_everything(0)
     out = args.out or new_run_dir("runs", "demo")
     stages: dict[str, dict[str, float]] = {}
-    print("vitq demo: the shipped reference ViT (cifar10_vit) on the 10,000 CIFAR-10 test images", flush=True)
+    progress = not args.quiet
+    spec = resolve_data("cifar10")
+    recipe = get_recipe(DEMO_RECIPE, w_bits=DEMO_BITS, a_bits=DEMO_BITS, seed=0)
+    print(f"vitq demo: the shipped reference ViT (cifar10_vit) on the 10,000 CIFAR-10 test images, "
+          f"FP32 vs W{DEMO_BITS}/A{DEMO_BITS} with the '{recipe.name}' recipe "
+          f"({recipe.calib_size} calibration images from the training split)", flush=True)
     with stage(stages, "load", device):
         model = load_model("cifar10_vit")
     with stage(stages, "eval_fp", device):
-        fp = _eval_model(model, resolve_data("cifar10"), None, 0, args.batch_size, args.workers, device, not args.quiet, "FP32")
-    rows = [("FP32", "-", "-", fp["top1"], fp["top5"], fp["seconds"])]
+        fp = _eval_model(model, spec, None, 0, args.batch_size, args.workers, device, progress, "FP32 eval")
+    with stage(stages, "calibrate", device):
+        calib = calibration_images(model, "cifar10", recipe.calib_size, seed=0)
+        quantize(model, calib, recipe, device=device, progress=progress)
+    with stage(stages, "eval_quant", device):
+        qres = _eval_model(model, spec, None, 0, args.batch_size, args.workers, device, progress, "quantized eval")
+    save_quantized(model, Path(out) / "model")
     report = {"command": "demo", "model": "cifar10_vit", "data": "cifar10", "device": str(device),
-              "fp": fp, "stages": stages, "versions": versions()}
+              "recipe": recipe.name, "w_bits": recipe.w_bits, "a_bits": recipe.a_bits, "seed": 0,
+              "calib_size": recipe.calib_size, "fp_top1": fp["top1"], "quant_top1": qres["top1"], "fp": fp,
+              "quant": qres, "config": recipe.to_dict(), "stages": stages, "versions": versions()}
     write_json(Path(out) / "report.json", report)
+    rows = [("FP32", "32", "32", fp["top1"], fp["top5"], stages["eval_fp"]["seconds"]),
+            (recipe.name, str(recipe.w_bits), str(recipe.a_bits), qres["top1"], qres["top5"],
+             stages["calibrate"]["seconds"] + stages["eval_quant"]["seconds"])]
     print()
     print(f"{'model':<10}{'W bits':>8}{'A bits':>8}{'top-1 %':>10}{'top-5 %':>10}{'seconds':>10}")
     for name, w, a, t1, t5, sec in rows:
         print(f"{name:<10}{w:>8}{a:>8}{t1:>10.2f}{t5:>10.2f}{sec:>10.1f}")
-    print(f"\nreport: {Path(out) / 'report.json'}")
+    print(f"\nreport: {Path(out) / 'report.json'}   quantized model: {Path(out) / 'model'}")
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "demo": cmd_demo}
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .api import calibration_images, quantize, save_quantized
+    from .data import resolve_data
+    from .models import load_model
+    from .recipes import get_recipe
+    from .report import new_run_dir, stage, versions, write_json
+    from .runtime import resolve_device, seed_everything
+
+    # every cheap check before any heavy work
+    recipe = get_recipe(args.recipe, w_bits=args.w_bits, a_bits=args.a_bits, head_w_bits=args.head_bits,
+                        head_a_bits=args.head_bits, patch_embed_w_bits=args.patch_embed_bits,
+                        calib_size=args.calib_size, seed=args.seed, eq_n=args.eq_n, search_rounds=args.search_rounds)
+    device = resolve_device(args.device)
+    spec = resolve_data(args.data)
+    if args.calib_data is not None:
+        resolve_data(args.calib_data)
+    seed_everything(args.seed)
+    out = Path(args.out) if args.out else new_run_dir("runs", f"quantize-{recipe.name}-w{recipe.w_bits}a{recipe.a_bits}")
+    stages: dict[str, dict[str, float]] = {}
+    progress = not args.quiet
+    report: dict[str, Any] = {"command": "quantize", "model": args.model, "data": args.data, "recipe": recipe.name,
+                              "w_bits": recipe.w_bits, "a_bits": recipe.a_bits, "seed": args.seed,
+                              "calib_size": recipe.calib_size, "limit": args.limit, "device": str(device),
+                              "config": recipe.to_dict(), "stages": stages, "versions": versions()}
+    with stage(stages, "load", device):
+        model = load_model(args.model, checkpoint=args.checkpoint, pretrained=not args.random_weights)
+    with stage(stages, "calibration_data", device):
+        calib = calibration_images(model, args.data, recipe.calib_size, args.seed, args.calib_transform,
+                                   args.calib_data)
+    if not args.skip_fp_eval:
+        with stage(stages, "eval_fp", device):
+            fp = _eval_model(model, spec, args.limit, args.seed, args.batch_size, args.workers, device, progress,
+                             "FP eval")
+        report.update(fp_top1=fp["top1"], fp_top5=fp["top5"], fp=fp)
+        write_json(out / "report.json", report)  # partial report: survives a crash later on
+    with stage(stages, "calibrate", device):
+        quantize(model, calib, recipe, device=device, progress=progress)
+    with stage(stages, "eval_quant", device):
+        qres = _eval_model(model, spec, args.limit, args.seed, args.batch_size, args.workers, device, progress,
+                           "quantized eval")
+    report.update(quant_top1=qres["top1"], quant_top5=qres["top5"], quant=qres, images=qres["images"])
+    with stage(stages, "save", device):
+        save_quantized(model, out / "model")
+    report["folded_layers"] = model.vitq_config["folded_layers"]
+    write_json(out / "report.json", report)
+    fp_txt = f"FP {report['fp_top1']:.2f}% -> " if "fp_top1" in report else ""
+    print(f"{args.model} {recipe.name} W{recipe.w_bits}/A{recipe.a_bits}: {fp_txt}quantized {qres['top1']:.2f}% "
+          f"top-1 on {qres['images']} images (calibration {stages['calibrate']['seconds']:.1f}s)")
+    print(f"report: {out / 'report.json'}   model: {out / 'model'}")
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "quantize": cmd_quantize, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -91,6 +91,10 @@ def load_model_dir(folder: Path) -> torch.nn.Module:
             cfg.update(input_size=(3, size, size), crop_pct=1.0, crop_mode="center", interpolation="bicubic")
         model.pretrained_cfg = cfg
         model.default_cfg = cfg
+    if "arch_kwargs" in config and "timm_name" not in config:
+        # lets a quantized copy of this model be rebuilt (vitq.api.save_quantized)
+        model.pretrained_cfg = {**(model.pretrained_cfg or {}), "vitq_arch_kwargs": dict(config["arch_kwargs"])}
+        model.default_cfg = model.pretrained_cfg
     return model.eval()
 
 
@@ -103,7 +107,7 @@ def load_reference_model() -> torch.nn.Module:
             "'python benchmarks/train_reference.py' or reinstall vitq"
         )
     model = load_model_dir(folder)
-    model.pretrained_cfg = dict(REFERENCE_PRETRAINED_CFG)
+    model.pretrained_cfg = {**REFERENCE_PRETRAINED_CFG, "vitq_arch_kwargs": dict(REFERENCE_ARCH)}
     model.default_cfg = model.pretrained_cfg
     return model
 
@@ -124,6 +128,13 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
         return load_reference_model()
     path = Path(name).expanduser()
     if path.is_dir():
+        # a `vitq quantize` run folder keeps its model in model/
+        if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+            path = path / "model"
+        if (path / "config.json").is_file() and '"vitq-quantized' in (path / "config.json").read_text():
+            from .api import load_quantized
+
+            return load_quantized(path)
         if (path / "model.safetensors").is_file() or (path / "config.json").is_file():
             return load_model_dir(path)
         raise VitqError(f"{path} is a folder without config.json/model.safetensors: pass a vitq model or run folder")

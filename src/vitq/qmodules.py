@@ -1,0 +1,171 @@
+"""Quantized building blocks: Linear, MatMul and Conv2d with a three-state mode.
+
+* ``QuantMode.FLOAT``: exactly the float op (quantizers untouched);
+* ``QuantMode.OBSERVE``: the float op, and every quantizer ``observe``s its input
+  (weights and activations) for min-max calibration;
+* ``QuantMode.QUANT``: fake-quantized op.
+
+A quantizer slot may be ``None``: that operand is never quantized.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Iterator, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quantizers import LogQuantizer, UniformQuantizer
+
+Quantizer = Union[UniformQuantizer, LogQuantizer]
+
+
+class QuantMode(str, Enum):
+    """What a quant module computes."""
+
+    FLOAT = "float"
+    OBSERVE = "observe"
+    QUANT = "quant"
+
+
+class QuantModule(nn.Module):
+    """Base of every quant module: holds ``mode`` and lists its quantizers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode = QuantMode.FLOAT
+
+    def quantizers(self) -> Iterator[tuple[str, Quantizer]]:
+        """(slot name, quantizer) for every non-None quantizer of this module."""
+        for name, child in self.named_children():
+            if isinstance(child, (UniformQuantizer, LogQuantizer)):
+                yield name, child
+
+    @staticmethod
+    def _apply_q(q: Quantizer | None, x: torch.Tensor, mode: QuantMode) -> torch.Tensor:
+        if q is None or mode == QuantMode.FLOAT:
+            return x
+        if mode == QuantMode.OBSERVE:
+            q.observe(x)
+            return x
+        return q(x)
+
+
+class QuantLinear(QuantModule):
+    """``F.linear(aq(x), wq(weight), bias)``; ``weight``/``bias`` keep nn.Linear's names."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None,
+                 w_quantizer: Quantizer | None, a_quantizer: Quantizer | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias
+        self.w_quantizer = w_quantizer
+        self.a_quantizer = a_quantizer
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, w_quantizer: Quantizer | None,
+                   a_quantizer: Quantizer | None) -> "QuantLinear":
+        """Wrap an nn.Linear, sharing (not copying) its weight and bias Parameters."""
+        return cls(linear.weight, linear.bias, w_quantizer, a_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._apply_q(self.a_quantizer, x, self.mode)
+        w = self._apply_q(self.w_quantizer, self.weight, self.mode)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}, mode={self.mode.value}"
+
+
+class QuantMatMul(QuantModule):
+    """``aq(a) @ bq(b)`` (activation-activation product inside attention)."""
+
+    def __init__(self, a_quantizer: Quantizer | None = None, b_quantizer: Quantizer | None = None) -> None:
+        super().__init__()
+        self.a_quantizer = a_quantizer
+        self.b_quantizer = b_quantizer
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a = self._apply_q(self.a_quantizer, a, self.mode)
+        b = self._apply_q(self.b_quantizer, b, self.mode)
+        return a @ b
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode.value}"
+
+
+class QuantConv2d(QuantModule):
+    """Conv2d with a per-output-channel weight quantizer and an optional input quantizer.
+
+    The input quantizer defaults to None: FIMA-Q's "8-bit" image input is really
+    unquantized (fimaq.md §7 item 13).
+    """
+
+    def __init__(self, conv: nn.Conv2d, w_quantizer: Quantizer | None,
+                 a_quantizer: Quantizer | None = None) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation, self.groups = conv.padding, conv.dilation, conv.groups
+        self.padding_mode = conv.padding_mode
+        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.w_quantizer = w_quantizer
+        self.a_quantizer = a_quantizer
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, w_quantizer: Quantizer | None,
+                   a_quantizer: Quantizer | None = None) -> "QuantConv2d":
+        """Wrap an nn.Conv2d, sharing its weight and bias Parameters."""
+        return cls(conv, w_quantizer, a_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._apply_q(self.a_quantizer, x, self.mode)
+        w = self._apply_q(self.w_quantizer, self.weight, self.mode)
+        if self.padding_mode != "zeros":
+            # Same as nn.Conv2d._conv_forward for non-zero padding modes.
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, " \
+               f"stride={self.stride}, mode={self.mode.value}"
+
+
+def quant_modules(model: nn.Module) -> Iterator[tuple[str, QuantModule]]:
+    """(qualified name, module) of every quant module, in ``named_modules`` (= forward) order."""
+    for name, m in model.named_modules():
+        if isinstance(m, QuantModule):
+            yield name, m
+
+
+def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
+    """(qualified name, quantizer) of every quantizer in the model, in forward order."""
+    for name, m in model.named_modules():
+        if isinstance(m, (UniformQuantizer, LogQuantizer)):
+            yield name, m
+
+
+def set_mode(model: nn.Module, mode: QuantMode | str) -> None:
+    """Set the mode of every quant module in ``model`` (the model itself included)."""
+    mode = QuantMode(mode)
+    for _, m in quant_modules(model):
+        m.mode = mode
+
+
+__all__ = [
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantMatMul",
+    "QuantMode",
+    "QuantModule",
+    "iter_quantizers",
+    "quant_modules",
+    "set_mode",
+]

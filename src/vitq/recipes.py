@@ -1,0 +1,116 @@
+"""Recipes: typed configs with named presets.
+
+A :class:`Recipe` says what to quantize (bits, granularities, post-softmax quantizer) and how
+(calibration, and in later stages reconstruction). Presets are plain instances; ``get_recipe``
+copies one and applies overrides, so a preset is never mutated.
+
+=============  ==============================================================================
+preset         what it is
+=============  ==============================================================================
+``minmax``     observed ranges (per-channel weights, per-tensor / per-head activations)
+``percentile`` activations clipped at the 0.01 / 99.99 percentiles, weights at their range
+``mse``        FIMA-Q's calibration stage: grid search on the layer-output MSE, coordinate
+               descent, RepQ-ViT LayerNorm fold, token-wise scales (fimaq.md §1.3, §2.6)
+``repq``       RepQ-ViT: percentile-clip self-MSE search, LayerNorm fold, log-sqrt2 softmax
+=============  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .adapters import QuantSpec
+from .calibration import CalibConfig
+from .errors import VitqError
+from .quantizers import validate_bits
+
+
+@dataclass
+class Recipe:
+    """Everything that decides a quantized model, as one typed config."""
+
+    name: str = "mse"
+    w_bits: int = 4
+    a_bits: int = 4
+    head_w_bits: int | None = None
+    head_a_bits: int | None = None
+    patch_embed_w_bits: int | None = None
+    quant_image_input: bool = False
+    softmax_quantizer: str = "uniform"
+    matmul_granularity: str = "head"
+    calib_size: int = 128
+    seed: int = 0
+    calibration: CalibConfig = field(default_factory=CalibConfig)
+
+    def __post_init__(self) -> None:
+        validate_bits(self.w_bits, "w_bits")
+        validate_bits(self.a_bits, "a_bits")
+        if self.calib_size <= 0:
+            raise VitqError(f"calib_size must be positive, got {self.calib_size}")
+        self.quant_spec()  # validates the remaining choices
+
+    def quant_spec(self) -> QuantSpec:
+        """The :class:`QuantSpec` that ``prepare`` needs."""
+        return QuantSpec(
+            w_bits=self.w_bits, a_bits=self.a_bits, head_w_bits=self.head_w_bits, head_a_bits=self.head_a_bits,
+            patch_embed_w_bits=self.patch_embed_w_bits, quant_image_input=self.quant_image_input,
+            softmax_quantizer=self.softmax_quantizer, matmul_granularity=self.matmul_granularity,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, Recipe] = {
+    "minmax": Recipe(name="minmax", calibration=CalibConfig(method="minmax", reparam=False, token_wise=False)),
+    "percentile": Recipe(name="percentile",
+                         calibration=CalibConfig(method="percentile", reparam=False, token_wise=False)),
+    "mse": Recipe(name="mse", calibration=CalibConfig(method="mse")),
+    "repq": Recipe(name="repq", softmax_quantizer="logsqrt2", matmul_granularity="tensor",
+                   calibration=CalibConfig(method="repq", reparam=True, token_wise=False)),
+}
+
+
+def recipe_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_recipe(recipe: str | Recipe, **overrides: Any) -> Recipe:
+    """A copy of a preset (or of ``recipe``) with ``overrides`` applied.
+
+    Overrides name a :class:`Recipe` field (``w_bits=3``) or a calibration field
+    (``eq_n=64``, ``search_rounds=1``); ``None`` values are ignored so CLI defaults pass through.
+    """
+    if isinstance(recipe, Recipe):
+        base = copy.deepcopy(recipe)
+    else:
+        if recipe not in PRESETS:
+            raise VitqError(f"unknown recipe {recipe!r}: choose one of {', '.join(recipe_names())}")
+        base = copy.deepcopy(PRESETS[recipe])
+    top = {f.name for f in fields(Recipe)}
+    calib = {f.name for f in fields(CalibConfig)}
+    top_values: dict[str, Any] = {}
+    calib_values: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in top and key != "calibration":
+            top_values[key] = value
+        elif key in calib:
+            calib_values[key] = value
+        else:
+            raise VitqError(f"unknown recipe option {key!r}")
+    if "seed" in top_values:
+        calib_values.setdefault("seed", top_values["seed"])
+    merged_calib = CalibConfig(**{**asdict(base.calibration), **calib_values})
+    return Recipe(**{**{f.name: getattr(base, f.name) for f in fields(Recipe)}, **top_values,
+                     "calibration": merged_calib})
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Rebuild a recipe saved with :meth:`Recipe.to_dict`."""
+    data = dict(data)
+    calib = CalibConfig(**data.pop("calibration", {}))
+    return Recipe(**data, calibration=calib)

@@ -1,0 +1,166 @@
+"""Calibration recipes, the RepQ-ViT fold, the API and quantized-model files, on tiny models."""
+
+import copy
+
+import pytest
+import torch
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+
+import vitq
+from vitq.adapters import QuantSpec, prepare
+from vitq.calibration import CalibConfig, _grid, calibrate, fake_quant, reparam_layernorm
+from vitq.errors import VitqError
+from vitq.qmodules import QuantMode, set_mode
+
+
+def tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10).eval()
+    m.pretrained_cfg = {"vitq_arch_kwargs": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                                                 num_classes=10), "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                        "input_size": (3, 32, 32)}
+    # non-trivial LayerNorm affines, so the fold has something to move
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.LayerNorm):
+            mod.weight.data = 1 + 0.3 * torch.randn_like(mod.weight)
+            mod.bias.data = 0.2 * torch.randn_like(mod.bias)
+    return m
+
+
+def tiny_swin():
+    torch.manual_seed(0)
+    return SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
+                           num_classes=10).eval()
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(1)
+    return torch.randn(32, 3, 32, 32)
+
+
+def test_reparam_fold_preserves_float_output(images):
+    fp = tiny_vit()
+    model = copy.deepcopy(fp)
+    prepare(model, QuantSpec(w_bits=4, a_bits=4))
+    ref = fp(images)
+    x = torch.randn(200, 48) * 2 + 0.5
+    for blk in model.blocks:
+        for norm, lin in ((blk.norm1, blk.attn.qkv), (blk.norm2, blk.mlp.fc1)):
+            s_c = torch.rand(48) * 0.1 + 0.01
+            z_c = torch.randint(0, 16, (48,)).float()
+            reparam_layernorm(norm, lin, s_c, z_c)
+    set_mode(model, QuantMode.FLOAT)
+    assert (model(images) - ref).abs().max().item() < 1e-5
+
+
+def test_fold_turns_per_channel_into_per_tensor_quantization():
+    norm = torch.nn.LayerNorm(16)
+    norm.weight.data, norm.bias.data = torch.rand(16) + 0.5, torch.randn(16)
+    lin = torch.nn.Linear(16, 8)
+    from vitq.qmodules import QuantLinear
+    qlin = QuantLinear.from_float(lin, None, None)
+    x = norm(torch.randn(64, 16))
+    s_c, z_c = torch.rand(16) * 0.05 + 0.01, torch.randint(2, 14, (16,)).float()
+    per_channel = fake_quant(x, s_c, z_c, 15)
+    s, z, r, b = reparam_layernorm(norm, qlin, s_c, z_c)
+    x_new = norm(torch.randn(1, 16)) * 0 + (x / r - b)  # what the folded LN now emits for the same input
+    per_tensor = fake_quant(x_new, s, z, 15)
+    # the linear sees the same values: W' x'_q == W x_q
+    assert torch.allclose(per_tensor * r + r * b, per_channel, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "repq"])
+def test_every_recipe_is_close_to_float_at_8_bits(method, images):
+    fp = tiny_vit()
+    q = vitq.quantize(copy.deepcopy(fp), images, method, w_bits=8, a_bits=8, calib_size=32, progress=False,
+                      device="cpu")
+    assert rel_err(q(images), fp(images)) < 0.06
+
+
+def test_mse_search_beats_minmax_at_4_bits(images):
+    fp = tiny_vit()
+    ref = fp(images)
+    errs = {}
+    for method in ("minmax", "mse"):
+        q = vitq.quantize(copy.deepcopy(fp), images, method, w_bits=4, a_bits=4, calib_size=32, progress=False,
+                          device="cpu")
+        errs[method] = rel_err(q(images), ref)
+    assert errs["mse"] < 0.9 * errs["minmax"], errs
+
+
+def test_lower_bits_are_worse(images):
+    fp = tiny_vit()
+    ref = fp(images)
+    e = [rel_err(vitq.quantize(copy.deepcopy(fp), images, "mse", w_bits=b, a_bits=b, calib_size=32, progress=False,
+                               device="cpu", eq_n=32)(images), ref) for b in (8, 4, 3)]
+    assert e[0] < e[1] < e[2]
+
+
+def test_six_bit_zero_points_follow_the_data():
+    # a post-GELU-like range [-0.17, 4]: the zero point must sit near 3, outside the official 24..39 window
+    lo, hi = torch.tensor([-0.17]), torch.tensor([4.0])
+    scales, zps = _grid(lo * 0.5, hi * 0.5, lo, hi, bits=6, eq_n=128)
+    assert zps.min() < 24
+    err = torch.stack([(fake_quant(torch.tensor([-0.17, 0.0, 4.0]), scales[0, c], zps[0, c], 63)
+                        - torch.tensor([-0.17, 0.0, 4.0])).abs().max() for c in range(scales.shape[1])])
+    assert err.min() < 0.05
+
+
+def test_token_wise_scales_and_save_load_round_trip(images, tmp_path):
+    fp = tiny_vit()
+    q = vitq.quantize(copy.deepcopy(fp), images, "mse", w_bits=4, a_bits=4, calib_size=16, progress=False,
+                      device="cpu", eq_n=16)
+    assert tuple(q.blocks[0].attn.qkv.a_quantizer.scale.shape) == (1, 17, 1)      # per token
+    assert tuple(q.blocks[0].attn.matmul1.a_quantizer.scale.shape) == (1, 3, 17, 1)  # per head and query
+    assert tuple(q.blocks[0].attn.matmul2.b_quantizer.scale.shape) == (1, 3, 1, 16)  # per head-dim channel
+    out = q(images)
+    vitq.save_quantized(q, tmp_path / "m")
+    again = vitq.load_model(str(tmp_path / "m"))
+    assert torch.equal(again(images), out)
+    assert vitq.recipe_of(again).name == "mse"
+
+
+def test_swin_and_fold_of_bias_free_reduction(tmp_path):
+    fp = tiny_swin()
+    x = torch.randn(8, 3, 32, 32)
+    q = vitq.quantize(copy.deepcopy(fp), x, "mse", w_bits=8, a_bits=8, calib_size=8, progress=False, device="cpu",
+                      eq_n=16)
+    assert "layers.1.downsample.reduction" in q.vitq_config["folded_layers"]
+    assert rel_err(q(x), fp(x)) < 0.1
+    out = q(x)
+    vitq.save_quantized(q, tmp_path / "swin", architecture={"timm_name": "swin_tiny_patch4_window7_224", "arch_kwargs": dict(
+        img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4), num_classes=10)})
+    assert torch.equal(vitq.load_quantized(tmp_path / "swin")(x), out)
+
+
+def test_nan_activations_are_a_clear_error():
+    fp = tiny_vit()
+    x = torch.randn(4, 3, 32, 32)
+    fp.blocks[0].norm1.weight.data[0] = float("nan")
+    with pytest.raises(VitqError, match="NaN/Inf"):
+        vitq.quantize(fp, x, "minmax", calib_size=4, progress=False, device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(recipe="nope"), "unknown recipe"),
+    (dict(w_bits=1), "between 2 and 8"),
+    (dict(a_bits=9), "between 2 and 8"),
+    (dict(calib_size=100), "holds only 4"),
+])
+def test_bad_arguments(kwargs, needle):
+    recipe = kwargs.pop("recipe", "mse")
+    with pytest.raises(VitqError, match=needle):
+        vitq.quantize(tiny_vit(), torch.randn(4, 3, 32, 32), recipe, progress=False, device="cpu", **kwargs)
+
+
+def test_calibration_is_deterministic(images):
+    fp = tiny_vit()
+    a = vitq.quantize(copy.deepcopy(fp), images, "mse", calib_size=16, seed=3, progress=False, device="cpu", eq_n=16)
+    b = vitq.quantize(copy.deepcopy(fp), images, "mse", calib_size=16, seed=3, progress=False, device="cpu", eq_n=16)
+    assert torch.equal(a(images), b(images))
