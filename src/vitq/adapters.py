@@ -364,6 +364,35 @@ def reconstruction_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return blocks
 
 
+def forward_after(model: nn.Module, block_name: str, y: torch.Tensor) -> torch.Tensor:
+    """Logits of ``model`` given the output ``y`` of reconstruction block ``block_name``.
+
+    Runs only what follows that block (the rest of the trunk, the final norm and the head), so
+    Fisher snapshots start from a cached block input instead of re-running the whole network.
+    Mirrors timm's ``forward_features`` / ``forward_head`` (eval mode, no masks).
+    """
+    names = [name for name, _ in reconstruction_blocks(model)]
+    if block_name not in names:
+        raise ValueError(f"{block_name!r} is not a reconstruction block of this model")
+    if block_name in ("head", "head+head_dist"):
+        return y
+    if isinstance(model, VisionTransformer):
+        if block_name == "patch_embed":
+            x = model.norm_pre(model.patch_drop(model._pos_embed(y)))
+            start = 0
+        else:
+            x, start = y, int(block_name.split(".")[1]) + 1
+        for blk in model.blocks[start:]:
+            x = blk(x)
+        return model.forward_head(model.norm(x))
+    # Swin: the trunk is every block after this one except the head, in forward order
+    x = y
+    for name in names[names.index(block_name) + 1:]:
+        if name != "head":
+            x = model.get_submodule(name)(x)
+    return model.forward_head(model.norm(x))
+
+
 def layer_role(name: str) -> str:
     """Role of a quant module from its qualified name: one of :data:`ROLES`."""
     parts = name.split(".")
@@ -399,6 +428,7 @@ def prev_layernorm(model: nn.Module, name: str) -> Optional[nn.LayerNorm]:
 
 __all__ = [
     "DistilledHeads",
+    "forward_after",
     "QuantAttention",
     "QuantSpec",
     "QuantWindowAttention",

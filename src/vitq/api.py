@@ -102,22 +102,43 @@ def calibration_images(model: nn.Module, data: str, n: int, seed: int = 0, trans
         torch.random.set_rng_state(state)
 
 
+def images_needed(recipe: Recipe) -> int:
+    """How many images ``quantize`` takes from ``calib_data`` for ``recipe``."""
+    optim = recipe.reconstruction.optim_size if recipe.reconstruction is not None else 0
+    return max(recipe.calib_size, optim)
+
+
 def quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe = "mse", *, w_bits: int | None = None,
              a_bits: int | None = None, device: str | torch.device | None = None, progress: bool = True,
+             work_dir: str | Path | None = None, report: dict[str, Any] | None = None,
              **overrides: Any) -> nn.Module:
     """Quantize ``model`` in place with ``recipe`` and return it (in quantized mode).
 
     ``calib_data``: preprocessed images as a tensor (N, 3, H, W), a dataset of (image, label)
-    or an iterable of batches; ``recipe.calib_size`` of them are used (a fixed random sample if
-    there are more). ``w_bits``/``a_bits`` and any other :class:`Recipe` or calibration field
-    given as a keyword override the preset.
+    or an iterable of batches. Calibration uses ``recipe.calib_size`` of them; reconstruction
+    recipes also use ``optim_size`` (a fixed random sample when there are more; the calibration
+    images are a subset of the optimisation images, as in FIMA-Q). ``w_bits``/``a_bits`` and any
+    other :class:`Recipe`, calibration or reconstruction field given as a keyword override the
+    preset. With ``work_dir``, reconstruction saves its state after every block there and a
+    repeated call resumes after the last finished block. ``report`` (a dict) receives the
+    calibration and per-block reconstruction summaries.
     """
     recipe = get_recipe(recipe, w_bits=w_bits, a_bits=a_bits, **overrides)
     dev = resolve_device(None if device is None else str(device))
-    images = _collect_images(calib_data, recipe.calib_size, recipe.seed)
+    pool = _collect_images(calib_data, images_needed(recipe), recipe.seed)
+    calib = pool[torch.from_numpy(fixed_subset(len(pool), recipe.calib_size, recipe.seed))]
     model.eval().to(dev)
     prepare(model, recipe.quant_spec())
-    summary = calibrate(model, images, recipe.calibration, dev, progress=progress)
+    summary = calibrate(model, calib, recipe.calibration, dev, progress=progress)
+    if report is not None:
+        report["calibration"] = summary
+    if recipe.reconstruction is not None:
+        from .reconstruction import reconstruct
+
+        recon = reconstruct(model, pool, recipe.reconstruction, dev, seed=recipe.seed, progress=progress,
+                            work_dir=work_dir, resume_key={"recipe": recipe.to_dict()})
+        if report is not None:
+            report["reconstruction"] = recon
     # One plain dict on the root model (like timm's pretrained_cfg) so the model can be saved.
     model.vitq_config = {"recipe": recipe.to_dict(), "spec": asdict(recipe.quant_spec()),
                          "folded_layers": summary["folded_layers"]}

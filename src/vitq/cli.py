@@ -67,6 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
                           "training augmentation, drawn once per image as FIMA-Q does")
     p_q.add_argument("--eq-n", type=_positive_int, default=None, help="mse search: candidates per grid (default 128)")
     p_q.add_argument("--search-rounds", type=int, default=None, help="mse search: coordinate-descent rounds (default 3)")
+    g = p_q.add_argument_group("block reconstruction (recipes qdrop, brecq, fimaq-diag, fimaq-lowrank, fimaq)")
+    g.add_argument("--iters", type=_positive_int, default=None, help="iterations per block (paper: 20000)")
+    g.add_argument("--optim-size", type=_positive_int, default=None, help="optimisation images (paper: 1024)")
+    g.add_argument("--recon-batch-size", type=_positive_int, default=None, help="reconstruction batch (paper: 32)")
+    g.add_argument("--rank", type=_positive_int, default=None, help="k, the number of Fisher snapshots (default 5)")
+    g.add_argument("--alpha", type=float, default=None, help="DPLR weight of the low-rank term in [0,1] (default 0.5)")
+    g.add_argument("--lowrank-form", choices=("gram_inverse", "identity", "secant"), default=None,
+                   help="low-rank FIM form (default gram_inverse, the official code)")
+    g.add_argument("--snapshot-schedule", choices=("q", "qf", "r"), default=None,
+                   help="when snapshots are taken: spread over the iterations (q), the first k (qf), perturbation (r)")
+    g.add_argument("--renormalize", choices=("refresh", "once"), default=None,
+                   help="reset the loss normalisers at every snapshot (refresh, default) or only once")
+    g.add_argument("--temperature", type=float, default=None, help="KL temperature of the snapshots (default 20)")
+    g.add_argument("--input-mode", choices=("qdrop", "rinp", "qinp"), default=None, help="block input (default qdrop)")
+    g.add_argument("--drop-prob", type=float, default=None, help="QDrop: probability of keeping quantization (0.5)")
+    g.add_argument("--weight-lr", type=float, default=None, help="AdaRound learning rate (1e-3)")
+    g.add_argument("--act-lr", type=float, default=None, help="activation-scale learning rate (4e-5)")
+    g.add_argument("--round-lambda", type=float, default=None, help="rounding-regulariser weight (0.01)")
     p_q.add_argument("--seed", type=int, default=0, help="fixes the calibration sample and every random draw")
     p_q.add_argument("--limit", type=_positive_int, default=None,
                      help="evaluate on a fixed random sample of N evaluation images")
@@ -159,8 +177,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+RECON_FLAGS = ("iters", "optim_size", "rank", "alpha", "lowrank_form", "snapshot_schedule", "renormalize",
+               "temperature", "input_mode", "drop_prob", "weight_lr", "act_lr", "round_lambda")
+
+
+def _recon_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values = {k: getattr(args, k) for k in RECON_FLAGS if getattr(args, k) is not None}
+    if args.recon_batch_size is not None:
+        values["batch_size"] = args.recon_batch_size
+    return values
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .api import calibration_images, quantize, save_quantized
+    from .api import calibration_images, images_needed, quantize, save_quantized
     from .data import resolve_data
     from .models import load_model
     from .recipes import get_recipe
@@ -170,7 +199,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     # every cheap check before any heavy work
     recipe = get_recipe(args.recipe, w_bits=args.w_bits, a_bits=args.a_bits, head_w_bits=args.head_bits,
                         head_a_bits=args.head_bits, patch_embed_w_bits=args.patch_embed_bits,
-                        calib_size=args.calib_size, seed=args.seed, eq_n=args.eq_n, search_rounds=args.search_rounds)
+                        calib_size=args.calib_size, seed=args.seed, eq_n=args.eq_n, search_rounds=args.search_rounds,
+                        **_recon_overrides(args))
     device = resolve_device(args.device)
     spec = resolve_data(args.data)
     if args.calib_data is not None:
@@ -186,7 +216,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     with stage(stages, "load", device):
         model = load_model(args.model, checkpoint=args.checkpoint, pretrained=not args.random_weights)
     with stage(stages, "calibration_data", device):
-        calib = calibration_images(model, args.data, recipe.calib_size, args.seed, args.calib_transform,
+        calib = calibration_images(model, args.data, images_needed(recipe), args.seed, args.calib_transform,
                                    args.calib_data)
     if not args.skip_fp_eval:
         with stage(stages, "eval_fp", device):
@@ -194,8 +224,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                              "FP eval")
         report.update(fp_top1=fp["top1"], fp_top5=fp["top5"], fp=fp)
         write_json(out / "report.json", report)  # partial report: survives a crash later on
-    with stage(stages, "calibrate", device):
-        quantize(model, calib, recipe, device=device, progress=progress)
+    if recipe.reconstruction is not None:
+        print(f"writing to {out}: if this run stops, the same command with --out {out} resumes it "
+              "after the last finished block", flush=True)
+    details: dict[str, Any] = {}
+    with stage(stages, "quantize", device):
+        quantize(model, calib, recipe, device=device, progress=progress, work_dir=out, report=details)
+    report["calibration"] = details.get("calibration")
+    if "reconstruction" in details:
+        report["reconstruction_blocks"] = details["reconstruction"]["blocks"]
     with stage(stages, "eval_quant", device):
         qres = _eval_model(model, spec, args.limit, args.seed, args.batch_size, args.workers, device, progress,
                            "quantized eval")
@@ -206,7 +243,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     write_json(out / "report.json", report)
     fp_txt = f"FP {report['fp_top1']:.2f}% -> " if "fp_top1" in report else ""
     print(f"{args.model} {recipe.name} W{recipe.w_bits}/A{recipe.a_bits}: {fp_txt}quantized {qres['top1']:.2f}% "
-          f"top-1 on {qres['images']} images (calibration {stages['calibrate']['seconds']:.1f}s)")
+          f"top-1 on {qres['images']} images (quantization {stages['quantize']['seconds']:.1f}s)")
     print(f"report: {out / 'report.json'}   model: {out / 'model'}")
     return 0
 

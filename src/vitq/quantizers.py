@@ -302,7 +302,58 @@ class LogQuantizer(_QuantizerBase):
         return f"bits={self.bits}, base={self.base}, {self.granularity}, scale_shape={tuple(self.scale.shape)}"
 
 
+class AdaRoundQuantizer(nn.Module):
+    """AdaRound weight rounding (Nagel et al., 2020) on a calibrated uniform quantizer's grid.
+
+    ``w_hat = s * (clamp(floor(w/s) + h(alpha) + z, qmin, qmax) - z)`` with the rectified sigmoid
+    ``h(alpha) = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1)``; soft while learning,
+    ``h = [alpha >= 0]`` once hard. ``alpha`` starts where ``h(alpha) = frac(w/s)``, so at step 0
+    the soft weight equals the float weight inside the clip range. Scale and zero point are
+    frozen copies of the base quantizer's. Unlike the official ``get_hard_value``, the hard
+    weight is clamped to the grid (fimaq.md §7.15), and symmetric grids work too.
+    """
+
+    zeta, gamma = 1.1, -0.1
+
+    def __init__(self, base: UniformQuantizer, weight: torch.Tensor) -> None:
+        super().__init__()
+        if not base.enabled or not bool(base.initialized):
+            raise RuntimeError("AdaRound needs a calibrated, enabled uniform quantizer")
+        self.qmin, self.qmax = base.quant_range()
+        self.register_buffer("scale", base.scale.detach().clone())
+        self.register_buffer("zero_point", torch.round(base.zero_point.detach().clone()))
+        rest = weight.detach() / self.scale - torch.floor(weight.detach() / self.scale)
+        rest = rest.clamp(1e-4, 1 - 1e-4)  # keeps alpha finite at exact grid points
+        self.alpha = nn.Parameter(-torch.log((self.zeta - self.gamma) / (rest - self.gamma) - 1))
+        self.soft = True
+
+    def h(self) -> torch.Tensor:
+        """Rounding offsets in [0, 1]: soft (rectified sigmoid) or hard (0/1)."""
+        if self.soft:
+            return torch.clamp(torch.sigmoid(self.alpha) * (self.zeta - self.gamma) + self.gamma, 0, 1)
+        return (self.alpha >= 0).to(self.alpha.dtype)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.floor(w / self.scale) + self.h() + self.zero_point, self.qmin, self.qmax)
+        return (q - self.zero_point) * self.scale
+
+    def round_loss(self, beta: float) -> torch.Tensor:
+        """``sum(1 - |2h - 1|^beta)``: pushes every offset to 0 or 1 as beta falls."""
+        h = torch.clamp(torch.sigmoid(self.alpha) * (self.zeta - self.gamma) + self.gamma, 0, 1)
+        return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def hard_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The hard-rounded weight, on the grid (nearest rounding reproduces it exactly)."""
+        soft, self.soft = self.soft, False
+        try:
+            return self.forward(w)
+        finally:
+            self.soft = soft
+
+
 __all__ = [
+    "AdaRoundQuantizer",
     "LogQuantizer",
     "UniformQuantizer",
     "bits_enabled",

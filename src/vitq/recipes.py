@@ -12,7 +12,15 @@ preset         what it is
 ``mse``        FIMA-Q's calibration stage: grid search on the layer-output MSE, coordinate
                descent, RepQ-ViT LayerNorm fold, token-wise scales (fimaq.md §1.3, §2.6)
 ``repq``       RepQ-ViT: percentile-clip self-MSE search, LayerNorm fold, log-sqrt2 softmax
+``qdrop``      ``mse`` calibration, then block reconstruction with the MSE loss and QDrop
+``brecq``      the same with BRECQ's squared-gradient Fisher loss (FIMA-Q's ablation baseline)
+``fimaq-diag`` the same with FIMA-Q's diagonal Fisher loss (linear in the KL gradient)
+``fimaq-lowrank``  the same with FIMA-Q's rank-k Fisher term alone
+``fimaq``      FIMA-Q: the diagonal-plus-low-rank (DPLR) Fisher loss (the paper's method)
 =============  ==============================================================================
+
+Reconstruction presets use the paper's budget (20,000 iterations per block, 1024 optimisation
+images, batch 32, k=5, T=20, QDrop 0.5); lower ``iters`` for a quick run.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from .adapters import QuantSpec
 from .calibration import CalibConfig
 from .errors import VitqError
 from .quantizers import validate_bits
+from .reconstruction import ReconConfig
 
 
 @dataclass
@@ -43,6 +52,7 @@ class Recipe:
     calib_size: int = 128
     seed: int = 0
     calibration: CalibConfig = field(default_factory=CalibConfig)
+    reconstruction: ReconConfig | None = None
 
     def __post_init__(self) -> None:
         validate_bits(self.w_bits, "w_bits")
@@ -70,6 +80,11 @@ PRESETS: dict[str, Recipe] = {
     "mse": Recipe(name="mse", calibration=CalibConfig(method="mse")),
     "repq": Recipe(name="repq", softmax_quantizer="logsqrt2", matmul_granularity="tensor",
                    calibration=CalibConfig(method="repq", reparam=True, token_wise=False)),
+    "qdrop": Recipe(name="qdrop", reconstruction=ReconConfig(loss="mse")),
+    "brecq": Recipe(name="brecq", reconstruction=ReconConfig(loss="brecq")),
+    "fimaq-diag": Recipe(name="fimaq-diag", reconstruction=ReconConfig(loss="fimaq_diag")),
+    "fimaq-lowrank": Recipe(name="fimaq-lowrank", reconstruction=ReconConfig(loss="fimaq_lowrank")),
+    "fimaq": Recipe(name="fimaq", reconstruction=ReconConfig(loss="fimaq_dplr")),
 }
 
 
@@ -80,8 +95,9 @@ def recipe_names() -> list[str]:
 def get_recipe(recipe: str | Recipe, **overrides: Any) -> Recipe:
     """A copy of a preset (or of ``recipe``) with ``overrides`` applied.
 
-    Overrides name a :class:`Recipe` field (``w_bits=3``) or a calibration field
-    (``eq_n=64``, ``search_rounds=1``); ``None`` values are ignored so CLI defaults pass through.
+    Overrides name a :class:`Recipe` field (``w_bits=3``), a reconstruction field (``iters=500``,
+    ``rank=15``, ``batch_size=32``) or a calibration field (``eq_n=64``; its batch is
+    ``calib_batch_size``). ``None`` values are ignored so CLI defaults pass through.
     """
     if isinstance(recipe, Recipe):
         base = copy.deepcopy(recipe)
@@ -89,28 +105,41 @@ def get_recipe(recipe: str | Recipe, **overrides: Any) -> Recipe:
         if recipe not in PRESETS:
             raise VitqError(f"unknown recipe {recipe!r}: choose one of {', '.join(recipe_names())}")
         base = copy.deepcopy(PRESETS[recipe])
-    top = {f.name for f in fields(Recipe)}
-    calib = {f.name for f in fields(CalibConfig)}
+    top = {f.name for f in fields(Recipe)} - {"calibration", "reconstruction"}
+    recon_fields = {f.name for f in fields(ReconConfig)}
+    calib_fields = {f.name for f in fields(CalibConfig)}
     top_values: dict[str, Any] = {}
+    recon_values: dict[str, Any] = {}
     calib_values: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None:
             continue
-        if key in top and key != "calibration":
+        if key in top:
             top_values[key] = value
-        elif key in calib:
+        elif key == "calib_batch_size":
+            calib_values["batch_size"] = value
+        elif key in recon_fields:
+            if base.reconstruction is None:
+                raise VitqError(f"recipe {base.name!r} has no reconstruction stage, so {key!r} does not apply: "
+                                f"use one of {', '.join(n for n in recipe_names() if PRESETS[n].reconstruction)}")
+            recon_values[key] = value
+        elif key in calib_fields:
             calib_values[key] = value
         else:
             raise VitqError(f"unknown recipe option {key!r}")
     if "seed" in top_values:
         calib_values.setdefault("seed", top_values["seed"])
     merged_calib = CalibConfig(**{**asdict(base.calibration), **calib_values})
+    merged_recon = None
+    if base.reconstruction is not None:
+        merged_recon = ReconConfig(**{**asdict(base.reconstruction), **recon_values})
     return Recipe(**{**{f.name: getattr(base, f.name) for f in fields(Recipe)}, **top_values,
-                     "calibration": merged_calib})
+                     "calibration": merged_calib, "reconstruction": merged_recon})
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Rebuild a recipe saved with :meth:`Recipe.to_dict`."""
     data = dict(data)
     calib = CalibConfig(**data.pop("calibration", {}))
-    return Recipe(**data, calibration=calib)
+    recon = data.pop("reconstruction", None)
+    return Recipe(**data, calibration=calib, reconstruction=ReconConfig(**recon) if recon else None)
