@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapters import layer_role, prev_layernorm, reconstruction_blocks
+from .capture import StopForward, run_until_stopped
 from .errors import VitqError
 from .qmodules import QuantConv2d, QuantLinear, QuantMatMul, QuantMode, QuantModule, quant_modules, set_mode
 from .quantizers import LogQuantizer, UniformQuantizer
@@ -474,10 +475,6 @@ def _per_channel_params(x2d: torch.Tensor, bits: int, cfg: CalibConfig) -> tuple
 
 # --------------------------------------------------------------------------- driver
 
-class _StopForward(Exception):
-    """Raised by a capture hook once the last needed input is in hand (saves the rest of the pass)."""
-
-
 def _capture_inputs(model: nn.Module, modules: list[tuple[str, QuantModule]], images: torch.Tensor,
                     batch_size: int, device: torch.device) -> dict[str, list[torch.Tensor]]:
     """Inputs of ``modules`` over all calibration images (the model in float mode)."""
@@ -489,21 +486,12 @@ def _capture_inputs(model: nn.Module, modules: list[tuple[str, QuantModule]], im
         def hook(_mod: nn.Module, inputs: tuple) -> None:
             store[name].append([t.detach() for t in inputs if isinstance(t, torch.Tensor)])
             if name == last:
-                raise _StopForward
+                raise StopForward
         return hook
 
     for name, mod in modules:
         handles.append(mod.register_forward_pre_hook(make_hook(name)))
-    try:
-        with torch.no_grad():
-            for i in range(0, len(images), batch_size):
-                try:
-                    model(images[i:i + batch_size].to(device))
-                except _StopForward:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
+    run_until_stopped(model, images, batch_size, device, handles)
     out: dict[str, list[torch.Tensor]] = {}
     for name, batches in store.items():
         if not batches:

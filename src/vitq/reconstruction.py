@@ -43,6 +43,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .adapters import DistilledHeads, forward_after, reconstruction_blocks
+from .capture import StopForward, run_until_stopped
 from .data import atomic_write_bytes
 from .errors import VitqError
 from .losses import (LOWRANK_FORMS, brecq_fisher_loss, fisher_diag_loss, fisher_lowrank_loss, kl_logits_loss,
@@ -136,10 +137,6 @@ def snapshot_iterations(iters: int, k: int, schedule: str) -> list[int]:
 
 # --------------------------------------------------------------------------- caching
 
-class _StopForward(Exception):
-    pass
-
-
 def _block_source(model: nn.Module, name: str, block: nn.Module) -> tuple[nn.Module, bool]:
     """The module whose call carries this block's input: (module, input-is-its-output)."""
     if isinstance(block, DistilledHeads):
@@ -156,21 +153,14 @@ def capture_block_input(model: nn.Module, name: str, block: nn.Module, images: t
 
     def pre_hook(_m: nn.Module, inputs: tuple) -> None:
         chunks.append(inputs[0].detach().to(store))
-        raise _StopForward
+        raise StopForward
 
     def post_hook(_m: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         chunks.append(output.detach().to(store))
-        raise _StopForward
+        raise StopForward
 
     handle = source.register_forward_hook(post_hook) if from_output else source.register_forward_pre_hook(pre_hook)
-    try:
-        for i in range(0, len(images), batch_size):
-            try:
-                model(images[i:i + batch_size].to(device))
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
+    run_until_stopped(model, images, batch_size, device, [handle])
     return torch.cat(chunks)
 
 
