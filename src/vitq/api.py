@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -111,7 +111,7 @@ def images_needed(recipe: Recipe) -> int:
 def quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe = "mse", *, w_bits: int | None = None,
              a_bits: int | None = None, device: str | torch.device | None = None, progress: bool = True,
              work_dir: str | Path | None = None, report: dict[str, Any] | None = None,
-             **overrides: Any) -> nn.Module:
+             after_calibration: Callable[[nn.Module], None] | None = None, **overrides: Any) -> nn.Module:
     """Quantize ``model`` in place with ``recipe`` and return it (in quantized mode).
 
     ``calib_data``: preprocessed images as a tensor (N, 3, H, W), a dataset of (image, label)
@@ -121,7 +121,8 @@ def quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe = "mse", *,
     other :class:`Recipe`, calibration or reconstruction field given as a keyword override the
     preset. With ``work_dir``, reconstruction saves its state after every block there and a
     repeated call resumes after the last finished block. ``report`` (a dict) receives the
-    calibration and per-block reconstruction summaries.
+    calibration and per-block reconstruction summaries. ``after_calibration(model)`` is called
+    between calibration and reconstruction (e.g. to evaluate the calibration-only model).
     """
     recipe = get_recipe(recipe, w_bits=w_bits, a_bits=a_bits, **overrides)
     dev = resolve_device(None if device is None else str(device))
@@ -132,6 +133,8 @@ def quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe = "mse", *,
     summary = calibrate(model, calib, recipe.calibration, dev, progress=progress)
     if report is not None:
         report["calibration"] = summary
+    if after_calibration is not None:
+        after_calibration(model)
     if recipe.reconstruction is not None:
         from .reconstruction import reconstruct
 
