@@ -202,3 +202,20 @@ def test_bad_reconstruction_options():
         vitq.get_recipe("mse", iters=10)
     with pytest.raises(vitq.VitqError, match="alpha"):
         vitq.get_recipe("fimaq", alpha=1.5)
+
+
+def test_dfq_interval_is_learned_and_saved(data, tmp_path):
+    from vitq.aiqvit import DynamicFocusingQuantizer
+
+    calibrated = vitq.quantize(tiny_model(), data, "mse", w_bits=3, a_bits=3, calib_size=16, eq_n=16,
+                               softmax_quantizer="dfq", progress=False, device="cpu")
+    start = calibrated.blocks[0].attn.matmul2.a_quantizer
+    assert isinstance(start, DynamicFocusingQuantizer)
+    q = vitq.quantize(tiny_model(), data, "fimaq+dfq", **QUICK)
+    dfq = q.blocks[0].attn.matmul2.a_quantizer
+    moved = (dfq.b1 - start.b1).abs().max() + (dfq.b2 - start.b2).abs().max()
+    assert moved > 1e-5  # the bounds were trained, not left at their calibration
+    assert 0 <= dfq.b1.min() and dfq.b2.max() <= 1 and (dfq.b1 < dfq.b2).all()
+    assert not dfq.b1.requires_grad and not dfq.training
+    vitq.save_quantized(q, tmp_path / "m")
+    assert torch.equal(vitq.load_model(str(tmp_path / "m"))(data), q(data))

@@ -38,7 +38,7 @@ from .qmodules import QuantConv2d, QuantLinear, QuantMatMul, QuantModule
 from .quantizers import LogQuantizer, UniformQuantizer, bits_enabled, validate_bits
 
 SUPPORTED = "timm VisionTransformer (ViT/DeiT), VisionTransformerDistilled (DeiT distilled), SwinTransformer"
-SOFTMAX_QUANTIZERS = ("uniform", "log2", "logsqrt2")
+SOFTMAX_QUANTIZERS = ("uniform", "log2", "logsqrt2", "dfq")
 ROLES = ("qkv", "proj", "fc1", "fc2", "reduction", "head", "patch_embed", "matmul1", "matmul2")
 
 
@@ -57,7 +57,9 @@ class QuantSpec:
     head_a_bits: Optional[int] = None
     patch_embed_w_bits: Optional[int] = None
     quant_image_input: bool = False
-    softmax_quantizer: str = "uniform"   # "uniform" | "log2" | "logsqrt2"
+    softmax_quantizer: str = "uniform"   # "uniform" | "log2" | "logsqrt2" | "dfq" (AIQViT)
+    dfq_granularity: str = "layer"       # DFQ: one interval per layer, or per "head"
+    dfq_below: str = "clip"              # DFQ: values below b1 -> b1 ("clip") or exact 0 ("zero")
     matmul_granularity: str = "head"     # "head" | "tensor"
     act_granularity: str = "tensor"      # "tensor" | "token" | "channel" (linear inputs)
     weight_granularity: str = "channel"  # "channel" | "tensor"
@@ -109,9 +111,14 @@ def _linear_act_q(bits: Optional[int], spec: QuantSpec, force_tensor: bool = Fal
     return UniformQuantizer(bits, symmetric=False, granularity=gran, axis=axis)
 
 
-def _matmul_q(bits: Optional[int], spec: QuantSpec, post_softmax: bool = False):
+def _matmul_q(bits: Optional[int], spec: QuantSpec, post_softmax: bool = False, num_heads: Optional[int] = None):
     if not bits_enabled(bits):
         return None
+    if post_softmax and spec.softmax_quantizer == "dfq":
+        from .aiqvit import DynamicFocusingQuantizer  # AIQViT's learned-interval uniform quantizer
+
+        return DynamicFocusingQuantizer(bits, granularity=spec.dfq_granularity, below=spec.dfq_below,
+                                        num_heads=num_heads)
     # Operands are (B, H, N, D) / (B, H, D, N) / (B, H, N, N): the head is dim 1.
     axis = 1 if spec.matmul_granularity == "head" else None
     if post_softmax and spec.softmax_quantizer != "uniform":
@@ -153,7 +160,8 @@ class QuantAttention(nn.Module):
         self.proj = _qlinear(attn.proj, f"{name}.proj", spec.w_bits, spec.a_bits, spec)
         self.proj_drop = attn.proj_drop
         self.matmul1 = QuantMatMul(_matmul_q(spec.a_bits, spec), _matmul_q(spec.a_bits, spec))
-        self.matmul2 = QuantMatMul(_matmul_q(spec.a_bits, spec, post_softmax=True), _matmul_q(spec.a_bits, spec))
+        self.matmul2 = QuantMatMul(_matmul_q(spec.a_bits, spec, post_softmax=True, num_heads=attn.num_heads),
+                                   _matmul_q(spec.a_bits, spec))
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -200,7 +208,8 @@ class QuantWindowAttention(nn.Module):
         self.proj_drop = attn.proj_drop
         self.softmax = attn.softmax
         self.matmul1 = QuantMatMul(_matmul_q(spec.a_bits, spec), _matmul_q(spec.a_bits, spec))
-        self.matmul2 = QuantMatMul(_matmul_q(spec.a_bits, spec, post_softmax=True), _matmul_q(spec.a_bits, spec))
+        self.matmul2 = QuantMatMul(_matmul_q(spec.a_bits, spec, post_softmax=True, num_heads=attn.num_heads),
+                                   _matmul_q(spec.a_bits, spec))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, _ = x.shape

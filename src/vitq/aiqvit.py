@@ -19,7 +19,7 @@ plus plain functions that take losses / optimizers, so a reconstruction loop can
 * Curriculum (§4): :func:`curriculum_order`, :func:`curriculum_pool_size`, :func:`sample_batch`.
 * :class:`AIQConfig`: every switch, including each open point of aiqvit.md §6.
 
-Known limits: ``QuantModule.quantizers()`` / ``iter_quantizers`` only list Uniform/Log quantizers,
+Known limits: (resolved) DFQ derives from ``vitq.quantizers.Quantizer``, so quant modules list it;
 so a DFQ in a slot is invisible to them, and the calibration "mse" search treats any non-log
 quantizer as uniform; calibrate a DFQ with ``init_minmax`` / :meth:`DynamicFocusingQuantizer.init_from`.
 """
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .errors import VitqError
 from .qmodules import QuantLinear, QuantMode
-from .quantizers import AdaRoundQuantizer, UniformQuantizer, bits_enabled, round_ste, validate_bits
+from .quantizers import AdaRoundQuantizer, Quantizer, UniformQuantizer, bits_enabled, round_ste, validate_bits
 
 DFQ_GRANULARITIES = ("layer", "head")
 DFQ_BELOW = ("clip", "zero")
@@ -90,7 +90,7 @@ def _quantiles(x: torch.Tensor, qs: Sequence[float], per_head: bool) -> torch.Te
     return torch.quantile(flat, q, dim=1)  # (len(qs), rows)
 
 
-class DynamicFocusingQuantizer(nn.Module):
+class DynamicFocusingQuantizer(Quantizer):
     """DFQ for post-softmax attention ``P`` in [0, 1] (aiqvit.md §3.2).
 
     ``clip`` (default): ``Delta = (b2-b1)/(2^k-1)``, ``q = clamp(round((P-b1)/Delta), 0, 2^k-1)``,

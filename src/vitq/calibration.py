@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapters import layer_role, prev_layernorm, reconstruction_blocks
+from .aiqvit import DynamicFocusingQuantizer
 from .capture import StopForward, run_until_stopped
 from .errors import VitqError
 from .qmodules import QuantConv2d, QuantLinear, QuantMatMul, QuantMode, QuantModule, quant_modules, set_mode
@@ -64,6 +65,7 @@ class CalibConfig:
     max_search_tokens: int = 2048      # rows of a linear input used for the activation search
     max_search_samples: int = 16       # images used for the matmul-operand search
     batch_size: int = 32               # forward batch while capturing inputs
+    dfq_init: str = "output"           # AIQViT DFQ: ||P_hat V - P V|| ("output"), ||P_hat - P|| ("self"), "minmax"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,6 +73,8 @@ class CalibConfig:
             raise VitqError(f"calibration method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise VitqError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.dfq_init not in ("output", "self", "minmax"):
+            raise VitqError(f"dfq_init must be output, self or minmax, got {self.dfq_init!r}")
         if self.eq_n < 2 or self.search_rounds < 0:
             raise VitqError("eq_n must be >= 2 and search_rounds >= 0")
 
@@ -205,6 +209,14 @@ def init_percentile_search(q: UniformQuantizer | LogQuantizer, x: torch.Tensor) 
             best_err = torch.where(better, err, best_err)
             best = (torch.where(better, params[0], best[0]), torch.where(better, params[1], best[1]))
     q.set_params(*best)
+
+
+def init_dfq(q: DynamicFocusingQuantizer, p: torch.Tensor, v: torch.Tensor, how: str) -> None:
+    """AIQViT's DFQ interval (aiqvit.md §3.4): grid search on the attention-output or self error, or min-max."""
+    if how == "minmax":
+        init_minmax(q, p)
+    else:
+        q.init_from(p.float(), v.float() if how == "output" else None)
 
 
 # --------------------------------------------------------------------------- FIMA-Q MSE search
@@ -350,6 +362,9 @@ def search_matmul_mse(module: QuantMatMul, a: torch.Tensor, b: torch.Tensor, cfg
             continue
         if isinstance(q, LogQuantizer):  # log operands keep their own (self-MSE) initialisation
             init_percentile_search(q, t)
+            continue
+        if isinstance(q, DynamicFocusingQuantizer):  # AIQViT's post-softmax quantizer has its own search
+            init_dfq(q, a, b, cfg.dfq_init)
             continue
         up, lo = _matmul_candidates(t, q, cfg.eq_n)
         bounds[key] = (up, lo)
@@ -560,7 +575,9 @@ def _init_module(module: QuantModule, inputs: list[torch.Tensor], cfg: CalibConf
         if q is None:
             continue
         x = inputs[i]
-        if cfg.method == "minmax":
+        if isinstance(q, DynamicFocusingQuantizer):
+            init_dfq(q, inputs[0], inputs[1], cfg.dfq_init)
+        elif cfg.method == "minmax":
             init_minmax(q, x)
         elif cfg.method == "percentile":
             init_percentile(q, x, cfg.percentile)

@@ -55,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_q = sub.add_parser("quantize", help="quantize a model, evaluate FP and quantized, save the quantized model")
     _add_model(p_q)
     p_q.add_argument("--data", required=True, help="'cifar10' or an image folder with train/ and val/")
-    p_q.add_argument("--recipe", default="mse", help="minmax, percentile, mse or repq (default mse)")
+    p_q.add_argument("--recipe", default="mse",
+                     help="minmax, percentile, mse, repq (calibration only); qdrop, brecq, fimaq-diag, fimaq-lowrank, "
+                          "fimaq, fimaq+dfq (block reconstruction). Default mse")
+    p_q.add_argument("--softmax-quantizer", choices=("uniform", "log2", "logsqrt2", "dfq"), default=None,
+                     help="quantizer of the post-softmax attention (recipe default; dfq = AIQViT's learned interval)")
     p_q.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
     p_q.add_argument("--a-bits", type=int, default=4, help="activation bits, 2..8 (default 4)")
     p_q.add_argument("--head-bits", type=int, default=None, help="keep the classifier head at these W/A bits (e.g. 8)")
@@ -218,7 +222,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .runtime import resolve_device, seed_everything
 
     # every cheap check before any heavy work
-    recipe = get_recipe(args.recipe, w_bits=args.w_bits, a_bits=args.a_bits, head_w_bits=args.head_bits,
+    recipe = get_recipe(args.recipe, w_bits=args.w_bits, a_bits=args.a_bits, softmax_quantizer=args.softmax_quantizer,
+                        head_w_bits=args.head_bits,
                         head_a_bits=args.head_bits, patch_embed_w_bits=args.patch_embed_bits,
                         calib_size=args.calib_size, seed=args.seed, eq_n=args.eq_n, search_rounds=args.search_rounds,
                         **_recon_overrides(args))

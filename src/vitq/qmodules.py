@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quantizers import LogQuantizer, UniformQuantizer
+from .quantizers import LogQuantizer, Quantizer as QuantizerBase, UniformQuantizer
 
 Quantizer = Union[UniformQuantizer, LogQuantizer]
 
@@ -40,7 +40,7 @@ class QuantModule(nn.Module):
     def quantizers(self) -> Iterator[tuple[str, Quantizer]]:
         """(slot name, quantizer) for every non-None quantizer of this module."""
         for name, child in self.named_children():
-            if isinstance(child, (UniformQuantizer, LogQuantizer)):
+            if isinstance(child, QuantizerBase):
                 yield name, child
 
     @staticmethod
@@ -148,7 +148,7 @@ def quant_modules(model: nn.Module) -> Iterator[tuple[str, QuantModule]]:
 def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
     """(qualified name, quantizer) of every quantizer in the model, in forward order."""
     for name, m in model.named_modules():
-        if isinstance(m, (UniformQuantizer, LogQuantizer)):
+        if isinstance(m, QuantizerBase):
             yield name, m
 
 

@@ -52,7 +52,11 @@ def bits_enabled(bits: int | None) -> bool:
     return bits not in OFF_BITS
 
 
-class _QuantizerBase(nn.Module):
+class Quantizer(nn.Module):
+    """Base of every fake quantizer (uniform, log, AIQViT's DFQ): what quant modules hold in their slots."""
+
+
+class _QuantizerBase(Quantizer):
     """Shared state handling: bits, QDrop, min/max observer, resizable state dict."""
 
     # Tensors whose shape may change after construction; resized on state-dict load.
@@ -354,6 +358,7 @@ class AdaRoundQuantizer(nn.Module):
 
 __all__ = [
     "AdaRoundQuantizer",
+    "Quantizer",
     "LogQuantizer",
     "UniformQuantizer",
     "bits_enabled",

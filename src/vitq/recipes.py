@@ -17,6 +17,7 @@ preset         what it is
 ``fimaq-diag`` the same with FIMA-Q's diagonal Fisher loss (linear in the KL gradient)
 ``fimaq-lowrank``  the same with FIMA-Q's rank-k Fisher term alone
 ``fimaq``      FIMA-Q: the diagonal-plus-low-rank (DPLR) Fisher loss (the paper's method)
+``fimaq+dfq``  FIMA-Q with AIQViT's dynamic focusing quantizer (learned [b1, b2]) on post-softmax attention
 =============  ==============================================================================
 
 Reconstruction presets use the paper's budget (20,000 iterations per block, 1024 optimisation
@@ -48,6 +49,8 @@ class Recipe:
     patch_embed_w_bits: int | None = None
     quant_image_input: bool = False
     softmax_quantizer: str = "uniform"
+    dfq_granularity: str = "layer"
+    dfq_below: str = "clip"
     matmul_granularity: str = "head"
     calib_size: int = 128
     seed: int = 0
@@ -66,7 +69,8 @@ class Recipe:
         return QuantSpec(
             w_bits=self.w_bits, a_bits=self.a_bits, head_w_bits=self.head_w_bits, head_a_bits=self.head_a_bits,
             patch_embed_w_bits=self.patch_embed_w_bits, quant_image_input=self.quant_image_input,
-            softmax_quantizer=self.softmax_quantizer, matmul_granularity=self.matmul_granularity,
+            softmax_quantizer=self.softmax_quantizer, dfq_granularity=self.dfq_granularity,
+            dfq_below=self.dfq_below, matmul_granularity=self.matmul_granularity,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +89,7 @@ PRESETS: dict[str, Recipe] = {
     "fimaq-diag": Recipe(name="fimaq-diag", reconstruction=ReconConfig(loss="fimaq_diag")),
     "fimaq-lowrank": Recipe(name="fimaq-lowrank", reconstruction=ReconConfig(loss="fimaq_lowrank")),
     "fimaq": Recipe(name="fimaq", reconstruction=ReconConfig(loss="fimaq_dplr")),
+    "fimaq+dfq": Recipe(name="fimaq+dfq", softmax_quantizer="dfq", reconstruction=ReconConfig(loss="fimaq_dplr")),
 }
 
 

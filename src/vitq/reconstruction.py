@@ -43,6 +43,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .adapters import DistilledHeads, forward_after, reconstruction_blocks
+from .aiqvit import DynamicFocusingQuantizer
 from .capture import StopForward, run_until_stopped
 from .data import atomic_write_bytes
 from .errors import VitqError
@@ -72,6 +73,7 @@ class ReconConfig:
     weight_lr: float = 1e-3           # Adam on the AdaRound alphas
     act_lr: float = 4e-5              # Adam on the activation scales, cosine-annealed to 0
     learn_act_scales: bool = True
+    dfq_lr: float = 1e-4              # Adam on AIQViT DFQ bounds (post-softmax), cosine-annealed
     round_lambda: float = 0.01        # weight of the rounding regulariser
     beta_start: float = 20.0
     beta_end: float = 2.0
@@ -187,12 +189,13 @@ def install_adaround(block: nn.Module) -> list[tuple[QuantModule, AdaRoundQuanti
     return installed
 
 
-def _activation_quantizers(block: nn.Module) -> list[UniformQuantizer]:
+def _activation_quantizers(block: nn.Module, kind: type = UniformQuantizer) -> list[nn.Module]:
+    """Enabled activation quantizers of ``kind`` in ``block`` (uniform by default, or DFQ)."""
     out = []
     for m in _block_quant_modules(block):
         for slot in ("a_quantizer", "b_quantizer"):
             q = getattr(m, slot, None)
-            if isinstance(q, UniformQuantizer) and q.enabled:
+            if isinstance(q, kind) and q.enabled:
                 out.append(q)
     return out
 
@@ -309,10 +312,18 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
         if cfg.learn_act_scales:
             q.scale.requires_grad_(True)
             scales.append(q.scale)
+    dfqs = _activation_quantizers(block, DynamicFocusingQuantizer)
+    for q in dfqs:  # AIQViT: the post-softmax interval [b1, b2] is learned too
+        q.train()
+        q.drop_prob = cfg.drop_prob if cfg.input_mode == "qdrop" else 1.0
+        q.b1.requires_grad_(True)
+        q.b2.requires_grad_(True)
     for m in _block_quant_modules(block):
         m.mode = QuantMode.QUANT
     opt_w = torch.optim.Adam(alphas, lr=cfg.weight_lr) if alphas else None
-    opt_a = torch.optim.Adam(scales, lr=cfg.act_lr) if scales else None
+    groups = ([{"params": scales, "lr": cfg.act_lr}] if scales else []) + \
+             ([{"params": [p for q in dfqs for p in (q.b1, q.b2)], "lr": cfg.dfq_lr}] if dfqs else [])
+    opt_a = torch.optim.Adam(groups) if groups else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=cfg.iters, eta_min=0.0) if opt_a else None
 
     n = len(x_fp)
@@ -379,6 +390,8 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
             with torch.no_grad():
                 for s in scales:
                     s.clamp_(min=1e-8)  # a scale pushed through zero would flip the grid
+                for q in dfqs:
+                    q.project_()  # keeps 0 <= b1 < b2 <= 1
         rec_v, round_v = float(rec.detach()), float(reg.detach())
         if it % 50 == 0 or it == cfg.iters - 1:
             bar.set_postfix(rec=f"{rec_v:.4f}", round=f"{round_v:.1f}")
@@ -392,6 +405,11 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
         q.eval()
         q.drop_prob = 1.0
         q.scale.requires_grad_(False)
+    for q in dfqs:
+        q.eval()
+        q.drop_prob = 1.0
+        q.b1.requires_grad_(False)
+        q.b2.requires_grad_(False)
     for p, flag in frozen:
         p.requires_grad_(flag)
     with torch.no_grad():
@@ -408,7 +426,8 @@ def _refresh_snapshots(model: nn.Module, name: str, block: nn.Module, x_fp: torc
                        y_fp: torch.Tensor, targets: torch.Tensor, cfg: ReconConfig, device: torch.device,
                        gen: torch.Generator, state: _FisherState) -> None:
     """Take the snapshot(s) due now and rebuild the low-rank metric and the diagonal."""
-    saved_drop = [(q, q.drop_prob) for q in _activation_quantizers(block)]
+    saved_drop = [(q, q.drop_prob) for q in _activation_quantizers(block) + _activation_quantizers(
+        block, DynamicFocusingQuantizer)]
     if not cfg.snapshot_qdrop:
         for q, _ in saved_drop:
             q.drop_prob = 1.0
