@@ -161,10 +161,6 @@ def _uniform_qmax(q: UniformQuantizer) -> int:
     return q.quant_range()[1]
 
 
-def _reduce_for(q: UniformQuantizer | LogQuantizer, x: torch.Tensor) -> tuple[list[int], int | None]:
-    return q._reduce_dims(x)
-
-
 def init_minmax(q: UniformQuantizer | LogQuantizer, x: torch.Tensor) -> None:
     """Observed range, at the quantizer's own granularity."""
     q.reset_observer()
@@ -174,7 +170,7 @@ def init_minmax(q: UniformQuantizer | LogQuantizer, x: torch.Tensor) -> None:
 
 def init_percentile(q: UniformQuantizer | LogQuantizer, x: torch.Tensor, pct: float) -> None:
     """Clip at the [100-pct, pct] percentiles (per head / channel where the quantizer is)."""
-    _, axis = _reduce_for(q, x)
+    _, axis = q._reduce_dims(x)
     p = pct / 100.0
     vals = _quantile(x, [1 - p, p], axis)
     shape = q._stat_shape(x)
@@ -188,7 +184,7 @@ def init_percentile(q: UniformQuantizer | LogQuantizer, x: torch.Tensor, pct: fl
 
 def init_percentile_search(q: UniformQuantizer | LogQuantizer, x: torch.Tensor) -> None:
     """RepQ-ViT style: among a few percentile clips, the one with the lowest self-MSE, per index."""
-    _, axis = _reduce_for(q, x)
+    _, axis = q._reduce_dims(x)
     shape = q._stat_shape(x)
     red = [d for d in range(x.dim()) if d != axis] if axis is not None else list(range(x.dim()))
     best_err, best = None, None
@@ -222,12 +218,9 @@ def init_dfq(q: DynamicFocusingQuantizer, p: torch.Tensor, v: torch.Tensor, how:
 # --------------------------------------------------------------------------- FIMA-Q MSE search
 
 def _row_candidates(w2d: torch.Tensor, bits: int, eq_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    qs = _quantile(w2d, [0.1, 0.9], dim=0) if w2d.shape[1] > 1 else None
+    """Per output row of a weight (R, K): the grid from the row's 10/90% quantiles and range."""
     lo, hi = w2d.amin(1), w2d.amax(1)
-    if qs is None:
-        return _grid(lo, hi, lo, hi, bits, eq_n)
-    # quantiles along dim 1 (per row): _quantile along dim=0 of the transpose
-    qs = _quantile(w2d.t(), [0.1, 0.9], dim=1)
+    qs = _quantile(w2d.t(), [0.1, 0.9], dim=1)  # (2, R): quantiles over each row's K values
     return _grid(qs[0], qs[1], lo, hi, bits, eq_n)
 
 
