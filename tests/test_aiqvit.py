@@ -400,7 +400,7 @@ def test_config_defaults_aliases_and_errors() -> None:
     assert cfg.search_iters == 300 and cfg.search_split == 0.8 and cfg.size_penalty == 0.01
     assert cfg.arch_betas == (0.5, 0.999) and cfg.curriculum_start == 0.3
     assert AIQConfig(lrc_mode="residual").lrc_mode == "side"
-    assert AIQConfig.for_bits(6).finetune_iters == 200
+    assert AIQConfig.for_bits(6).search_iters == 100
     assert cfg.rank_candidates(48, 144) == [0, 10, 20]
     for bad in (dict(dfq_below="half"), dict(lrc_mode="both"), dict(factor_bits=4), dict(search_split=1.0),
                 dict(lrc_init="svd"), dict(curriculum_start=0.0), dict(tau=0.0)):

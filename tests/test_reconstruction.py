@@ -166,8 +166,8 @@ def test_same_seed_same_model(data):
     assert torch.equal(a(data), b(data))
 
 
-def test_killed_run_resumes_to_the_same_result(data, tmp_path, monkeypatch):
-    uninterrupted = vitq.quantize(tiny_model(), data, "fimaq", **QUICK)(data)
+def kill_on_third_block(monkeypatch):
+    """Make the third reconstruct_block call raise KeyboardInterrupt (a Ctrl-C mid-run); returns the undo."""
     real = recon.reconstruct_block
     calls = {"n": 0}
 
@@ -178,12 +178,17 @@ def test_killed_run_resumes_to_the_same_result(data, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(recon, "reconstruct_block", dies_on_third_block)
+    return lambda: monkeypatch.setattr(recon, "reconstruct_block", real)
+
+
+def test_killed_run_resumes_to_the_same_result(data, tmp_path, monkeypatch):
+    uninterrupted = vitq.quantize(tiny_model(), data, "fimaq", **QUICK)(data)
+    undo = kill_on_third_block(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         vitq.quantize(tiny_model(), data, "fimaq", work_dir=tmp_path, **QUICK)
     saved = torch.load(tmp_path / "reconstruction.pt", weights_only=False)
     assert [b["block"] for b in saved["blocks"]] == ["patch_embed", "blocks.0"]
-    monkeypatch.setattr(recon, "reconstruct_block", real)
-    calls["n"] = 0
+    undo()
     report = {}
     resumed = vitq.quantize(tiny_model(), data, "fimaq", work_dir=tmp_path, report=report, **QUICK)
     assert torch.equal(resumed(data), uninterrupted)
@@ -219,3 +224,46 @@ def test_dfq_interval_is_learned_and_saved(data, tmp_path):
     assert not dfq.b1.requires_grad and not dfq.training
     vitq.save_quantized(q, tmp_path / "m")
     assert torch.equal(vitq.load_model(str(tmp_path / "m"))(data), q(data))
+
+
+AIQ_QUICK = {**QUICK, "aiq_candidates": (0, 4, 8), "aiq_search_iters": 5}
+
+
+@pytest.mark.parametrize("recipe, extra", [
+    ("aiqvit", {}),
+    ("aiqvit", {"aiq_lrc_mode": "side", "aiq_rank_policy": "energy"}),
+    ("fimaq+aiq", {"aiq_rank_policy": "fixed", "aiq_fixed_rank": 4}),
+])
+def test_aiqvit_recipes_run_report_ranks_and_reload(recipe, extra, data, tmp_path):
+    from vitq.aiqvit import lowrank_modules
+
+    report = {}
+    q = vitq.quantize(tiny_model(), data, recipe, report=report, **{**AIQ_QUICK, **extra})
+    ranks = report["reconstruction"]["blocks"][1]["lrc_ranks"]
+    assert set(ranks) == {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
+    assert all(r in (0, 4, 8) for r in ranks.values())
+    if extra.get("aiq_rank_policy") == "fixed":
+        assert set(ranks.values()) == {4}
+    side = extra.get("aiq_lrc_mode") == "side"
+    # merged compensation is folded into the weights; side branches stay and are saved
+    assert bool(lowrank_modules(q)) == (side and any(ranks.values()))
+    out = q(data)
+    assert torch.isfinite(out).all()
+    vitq.save_quantized(q, tmp_path / "m")
+    assert torch.equal(vitq.load_model(str(tmp_path / "m"))(data), out)
+
+
+def test_aiqvit_curriculum_and_lrc_resume_to_the_same_result(data, tmp_path, monkeypatch):
+    kw = {**AIQ_QUICK, "aiq_rank_policy": "fixed", "aiq_fixed_rank": 4}
+    uninterrupted = vitq.quantize(tiny_model(), data, "fimaq+aiq", **kw)(data)
+    undo = kill_on_third_block(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        vitq.quantize(tiny_model(), data, "fimaq+aiq", work_dir=tmp_path, **kw)
+    undo()
+    resumed = vitq.quantize(tiny_model(), data, "fimaq+aiq", work_dir=tmp_path, **kw)(data)
+    assert torch.equal(resumed, uninterrupted)
+
+
+def test_aiq_options_need_an_aiq_recipe():
+    with pytest.raises(vitq.VitqError, match="no AIQViT stage"):
+        vitq.get_recipe("fimaq", aiq_lrc_mode="side")

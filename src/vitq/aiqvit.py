@@ -989,29 +989,27 @@ def sample_batch(order: torch.Tensor, pool: int, batch_size: int,
 
 @dataclass
 class AIQConfig:
-    """Every AIQViT switch; defaults are aiqvit.md's recommendations (W3/W4 budget).
+    """AIQViT's own switches; defaults are aiqvit.md's recommendations (W3/W4 budget).
 
-    The §6 open points map to fields as follows (see also the comments):
-    1 merge vs side -> ``lrc_mode``; 2 A/B precision -> ``factor_bits``; 3 init -> ``lrc_init``,
-    ``lrc_act_scaled``; 4 search algorithm -> ``rank_policy``, ``supernet``, ``search_order``,
-    ``discretise``, ``reinit_after_search``; 5 search space -> ``candidate_mode``, ``candidates``,
-    ``candidate_fractions``, ``rank_limit``; 6 cost term -> ``size_penalty``,
-    ``normalise_search_loss``; 7 scope -> ``search_scope``; 8 framework -> ``base_quantizers``,
-    ``recon_loss``, ``weight_granularity``, ``act_granularity``, ``keep_first_last_8bit``;
-    9 other trained parameters -> ``train_act_scales``, ``act_scale_lr``; 10 budget ->
-    ``calib_size``, ``batch_size``, ``search_iters``, ``finetune_iters``, ``lrc_lr``, ``dfq_lr``,
-    ``lr_schedule``; 11 -> ``dfq_granularity``; 12 -> ``dfq_below``; 13 -> ``dfq_init``,
-    ``dfq_lr``; 14 -> ``dfq_dynamic``; 15 -> ``curriculum*``; 16 -> ``det_calib_size``,
-    ``pointcloud_backbone``. (17, the paper's numbers, is not a switch.)
+    The §6 open points map to switches as follows. Here: 1 merged vs side -> ``lrc_mode``;
+    2 factor precision -> ``factor_bits``; 3 init -> ``lrc_init``, ``lrc_act_scaled``; 4 search ->
+    ``rank_policy``, ``supernet``, ``tau``, ``reinit_after_search``; 5 search space ->
+    ``candidate_mode``, ``candidates``, ``candidate_fractions``, ``rank_limit``; 6 cost term ->
+    ``size_penalty``, ``normalise_search_loss``; 10 (part) -> ``search_iters``, ``lrc_lr``;
+    11 -> ``dfq_granularity``; 12 -> ``dfq_below``; 15 -> ``curriculum*``. Settings the recipe
+    already owns are not repeated here: the fine-tuning budget, batch, loss, activation-scale
+    learning (8-10) are the recipe's ``ReconConfig``; the base quantizers and granularities (8) its
+    calibration and quantizer spec; the DFQ initialisation and learning rate (13) are
+    ``CalibConfig.dfq_init`` and ``ReconConfig.dfq_lr``. Only the static DFQ (14), the block
+    search scope (7), first-order DARTS with argmax discretisation (4) and the initial-MSE
+    difficulty (15) are implemented, so they are not switches. 16 (detection, point clouds) is
+    outside this toolkit; 17 (the paper's numbers) is not a switch.
     """
 
     # --- DFQ (§3; §6.11-6.14)
     dfq: bool = True
     dfq_granularity: str = "layer"        # layer | head  (§6.11)
     dfq_below: str = "clip"               # clip | zero   (§6.12)
-    dfq_init: str = "output"              # output (||P_hat V - P V||) | self (||P_hat - P||) | minmax (§6.13)
-    dfq_lr: float = 1e-4                  # Adam, projected to 0 <= b1 < b2 <= 1 (§6.13)
-    dfq_dynamic: str = "static"           # static: learned in calibration, constant at inference (§6.14)
     # --- low-rank compensation (§2; §6.1-6.3)
     lrc: bool = True
     lrc_mode: str = "merged"              # merged (premerge) | side (residual)  (§6.1)
@@ -1030,8 +1028,6 @@ class AIQConfig:
     candidate_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     rank_limit: float = 1.5               # keep candidates < min(d_in, d_out) / rank_limit
     supernet: str = "nested"              # nested | independent  (§6.4)
-    search_order: str = "first"           # first-order bi-level DARTS (only option)  (§6.4)
-    discretise: str = "argmax"            # argmax of alpha (only option)  (§6.4)
     tau: float = 1.0
     search_iters: int = 300
     search_split: float = 0.8             # train share of the calibration set during the search
@@ -1040,31 +1036,13 @@ class AIQConfig:
     arch_weight_decay: float = 1e-3
     size_penalty: float = 0.01            # lambda of the expected-parameter cost  (§6.6)
     normalise_search_loss: bool = True    # divide L_rec(val) by L_rec,0  (§6.6)
-    search_scope: str = "block"           # block | global  (§6.7)
     reinit_after_search: bool = False
     energy: float = 0.9                   # rank_policy="energy"
-    # --- fine-tune / framework (§1.2; §6.8-6.10)
-    finetune_iters: int = 1000
-    lr_schedule: str = "cosine"           # cosine | constant
-    calib_size: int = 1024
-    batch_size: int = 32
-    base_quantizers: str = "repq"         # repq | minmax | mse: the calibration the method starts from (§6.8)
-    recon_loss: str = "mse"               # block-output loss (§6.8)
-    weight_granularity: str = "channel"   # (§6.8)
-    act_granularity: str = "tensor"       # (§6.8)
-    keep_first_last_8bit: bool = False    # (§6.8)
-    train_act_scales: bool = False        # LSQ on uniform activation scales  (§6.9)
-    act_scale_lr: float = 4e-5            # (§6.9)
     # --- curriculum (§4; §6.15)
     curriculum: bool = True
     curriculum_start: float = 0.3
     curriculum_end: float = 1.0
     curriculum_ramp: float = 0.5          # share of the block's iterations (search + fine-tune)
-    curriculum_difficulty: str = "initial_mse"  # only option: block MSE in the initial state
-    curriculum_rescore: bool = False
-    # --- other tasks (§6.16)
-    det_calib_size: int = 256
-    pointcloud_backbone: str = "point_mae"  # point_mae | point_bert
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -1074,16 +1052,9 @@ class AIQConfig:
         self.lrc_roles = tuple(self.lrc_roles)
         self.arch_betas = tuple(self.arch_betas)  # type: ignore[assignment]
         for name, choices in (("dfq_granularity", DFQ_GRANULARITIES), ("dfq_below", DFQ_BELOW),
-                              ("dfq_init", ("output", "self", "minmax")), ("dfq_dynamic", ("static",)),
                               ("lrc_mode", LOWRANK_MODES), ("lrc_init", ("auto", "lora", "svd")),
                               ("rank_policy", RANK_POLICIES), ("candidate_mode", CANDIDATE_MODES),
-                              ("supernet", SUPERNETS), ("search_order", ("first",)), ("discretise", ("argmax",)),
-                              ("search_scope", ("block", "global")), ("lr_schedule", ("cosine", "constant")),
-                              ("base_quantizers", ("repq", "minmax", "mse")), ("recon_loss", ("mse", "mae")),
-                              ("weight_granularity", ("channel", "tensor")),
-                              ("act_granularity", ("tensor", "token", "channel")),
-                              ("curriculum_difficulty", ("initial_mse",)),
-                              ("pointcloud_backbone", ("point_mae", "point_bert"))):
+                              ("supernet", SUPERNETS)):
             _choice(name, getattr(self, name), choices)
         if self.factor_bits not in (None, 8):
             raise VitqError(f"factor_bits must be None (FP16) or 8, got {self.factor_bits!r}")
@@ -1108,19 +1079,15 @@ class AIQConfig:
             raise VitqError(f"energy must be in (0, 1], got {self.energy}")
         if self.size_penalty < 0:
             raise VitqError(f"size_penalty must be >= 0, got {self.size_penalty}")
-        for name in ("dfq_lr", "lrc_lr", "arch_lr", "act_scale_lr"):
+        for name in ("lrc_lr", "arch_lr"):
             if getattr(self, name) <= 0:
                 raise VitqError(f"{name} must be positive, got {getattr(self, name)}")
         if self.arch_weight_decay < 0:
             raise VitqError(f"arch_weight_decay must be >= 0, got {self.arch_weight_decay}")
         if len(self.arch_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.arch_betas):
             raise VitqError(f"arch_betas must be two numbers in [0, 1), got {self.arch_betas}")
-        for name in ("search_iters", "finetune_iters"):
-            if getattr(self, name) < 0:
-                raise VitqError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("calib_size", "batch_size", "det_calib_size"):
-            if getattr(self, name) <= 0:
-                raise VitqError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.search_iters < 0:
+            raise VitqError(f"search_iters must be >= 0, got {self.search_iters}")
         if not 0.0 < self.curriculum_start <= self.curriculum_end <= 1.0:
             raise VitqError("curriculum needs 0 < curriculum_start <= curriculum_end <= 1, "
                             f"got {self.curriculum_start}, {self.curriculum_end}")
@@ -1132,7 +1099,7 @@ class AIQConfig:
         """The recommended budget for ``bits`` (aiqvit.md §1.2): W6 uses 100 + 200 iterations, lr 5e-5."""
         base: dict[str, Any] = {}
         if bits >= 6:
-            base = {"search_iters": 100, "finetune_iters": 200, "lrc_lr": 5e-5}
+            base = {"search_iters": 100, "lrc_lr": 5e-5}
         base.update(overrides)
         return cls(**base)
 

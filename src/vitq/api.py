@@ -138,13 +138,21 @@ def quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe = "mse", *,
     if recipe.reconstruction is not None:
         from .reconstruction import reconstruct
 
+        extension = None
+        if recipe.aiq is not None:
+            from .aiqvit_reconstruction import AIQViTExtension
+
+            extension = AIQViTExtension(recipe.aiq)
         recon = reconstruct(model, pool, recipe.reconstruction, dev, seed=recipe.seed, progress=progress,
-                            work_dir=work_dir, resume_key={"recipe": recipe.to_dict()})
+                            work_dir=work_dir, resume_key={"recipe": recipe.to_dict()}, extension=extension)
+        side_ranks = recon.get("lrc_side_ranks", {})
         if report is not None:
             report["reconstruction"] = recon
     # One plain dict on the root model (like timm's pretrained_cfg) so the model can be saved.
     model.vitq_config = {"recipe": recipe.to_dict(), "spec": asdict(recipe.quant_spec()),
                          "folded_layers": summary["folded_layers"]}
+    if recipe.reconstruction is not None and side_ranks:
+        model.vitq_config["lrc_side_ranks"] = side_ranks
     return model
 
 
@@ -221,9 +229,19 @@ def load_quantized(folder: str | Path) -> nn.Module:
             owner = model.get_submodule(key.rsplit(".", 1)[0])
             if getattr(owner, "bias", "absent") is None:
                 owner.bias = nn.Parameter(torch.zeros_like(value))
+    side = config.get("lrc_side_ranks", {})
+    if side:
+        # AIQViT side branches are modules with hooks: attach them to the calibrated layers (a first,
+        # partial load calibrates the quantizers), then load again with their factors.
+        from .aiqvit import attach_lowrank
+
+        model.load_state_dict(state, strict=False)
+        factor_bits = (config.get("recipe", {}).get("aiq") or {}).get("factor_bits")
+        for name, rank in side.items():
+            attach_lowrank(model.get_submodule(name), "side", rank=rank, init="lora", factor_bits=factor_bits)
     model.load_state_dict(state)
     set_mode(model, QuantMode.QUANT)
-    model.vitq_config = {k: config[k] for k in ("recipe", "spec", "folded_layers") if k in config}
+    model.vitq_config = {k: config[k] for k in ("recipe", "spec", "folded_layers", "lrc_side_ranks") if k in config}
     return model.eval()
 
 

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_q.add_argument("--data", required=True, help="'cifar10' or an image folder with train/ and val/")
     p_q.add_argument("--recipe", default="mse",
                      help="minmax, percentile, mse, repq (calibration only); qdrop, brecq, fimaq-diag, fimaq-lowrank, "
-                          "fimaq, fimaq+dfq (block reconstruction). Default mse")
+                          "fimaq, fimaq+dfq, aiqvit, fimaq+lrc, fimaq+aiq (block reconstruction). Default mse")
     p_q.add_argument("--softmax-quantizer", choices=("uniform", "log2", "logsqrt2", "dfq"), default=None,
                      help="quantizer of the post-softmax attention (recipe default; dfq = AIQViT's learned interval)")
     p_q.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
@@ -89,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-lr", type=float, default=None, help="AdaRound learning rate (1e-3)")
     g.add_argument("--act-lr", type=float, default=None, help="activation-scale learning rate (4e-5)")
     g.add_argument("--round-lambda", type=float, default=None, help="rounding-regulariser weight (0.01)")
+    a = p_q.add_argument_group("AIQViT (recipes aiqvit, fimaq+lrc, fimaq+aiq): switch each part on or off")
+    a.add_argument("--dfq", action=argparse.BooleanOptionalAction, default=None,
+                   help="dynamic focusing quantizer on post-softmax attention")
+    a.add_argument("--dfq-granularity", choices=("layer", "head"), default=None, help="one DFQ interval per layer/head")
+    a.add_argument("--lrc", action=argparse.BooleanOptionalAction, default=None, help="low-rank compensation")
+    a.add_argument("--lrc-mode", choices=("merged", "side"), default=None,
+                   help="Q(W+BA) folded into the weights (merged) or Q(W)+BA kept as a branch (side)")
+    a.add_argument("--rank-policy", choices=("search", "fixed", "energy"), default=None,
+                   help="per-layer ranks: differentiable search, one fixed rank, or the SVD-energy rule")
+    a.add_argument("--fixed-rank", type=int, default=None, help="rank for --rank-policy fixed (default 20)")
+    a.add_argument("--search-iters", type=int, default=None, help="rank-search iterations per block (default 300)")
+    a.add_argument("--curriculum", action=argparse.BooleanOptionalAction, default=None,
+                   help="easy-to-hard sample curriculum")
     p_q.add_argument("--seed", type=int, default=0, help="fixes the calibration sample and every random draw")
     p_q.add_argument("--limit", type=_positive_int, default=None,
                      help="evaluate on a fixed random sample of N evaluation images")
@@ -206,8 +219,12 @@ RECON_FLAGS = ("iters", "optim_size", "rank", "alpha", "lowrank_form", "snapshot
                "temperature", "input_mode", "drop_prob", "weight_lr", "act_lr", "round_lambda")
 
 
+AIQ_FLAGS = ("dfq", "dfq_granularity", "lrc", "lrc_mode", "rank_policy", "fixed_rank", "search_iters", "curriculum")
+
+
 def _recon_overrides(args: argparse.Namespace) -> dict[str, Any]:
     values = {k: getattr(args, k) for k in RECON_FLAGS if getattr(args, k) is not None}
+    values.update({f"aiq_{k}": getattr(args, k) for k in AIQ_FLAGS if getattr(args, k) is not None})
     if args.recon_batch_size is not None:
         values["batch_size"] = args.recon_batch_size
     return values

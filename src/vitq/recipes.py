@@ -18,6 +18,10 @@ preset         what it is
 ``fimaq-lowrank``  the same with FIMA-Q's rank-k Fisher term alone
 ``fimaq``      FIMA-Q: the diagonal-plus-low-rank (DPLR) Fisher loss (the paper's method)
 ``fimaq+dfq``  FIMA-Q with AIQViT's dynamic focusing quantizer (learned [b1, b2]) on post-softmax attention
+``aiqvit``     AIQViT on its own base: RepQ-ViT calibration, MSE reconstruction without AdaRound,
+               DFQ, low-rank compensation with searched ranks, curriculum (aiqvit.md §1.2)
+``fimaq+lrc``  FIMA-Q plus AIQViT's low-rank compensation with searched ranks
+``fimaq+aiq``  FIMA-Q plus all of AIQViT (DFQ, compensation, curriculum)
 =============  ==============================================================================
 
 Reconstruction presets use the paper's budget (20,000 iterations per block, 1024 optimisation
@@ -31,6 +35,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .adapters import QuantSpec
+from .aiqvit import AIQConfig
 from .calibration import CalibConfig
 from .errors import VitqError
 from .quantizers import validate_bits
@@ -56,21 +61,26 @@ class Recipe:
     seed: int = 0
     calibration: CalibConfig = field(default_factory=CalibConfig)
     reconstruction: ReconConfig | None = None
+    aiq: AIQConfig | None = None
 
     def __post_init__(self) -> None:
         validate_bits(self.w_bits, "w_bits")
         validate_bits(self.a_bits, "a_bits")
+        if self.aiq is not None and self.reconstruction is None:
+            raise VitqError("AIQViT's low-rank compensation and curriculum need a reconstruction stage")
         if self.calib_size <= 0:
             raise VitqError(f"calib_size must be positive, got {self.calib_size}")
         self.quant_spec()  # validates the remaining choices
 
     def quant_spec(self) -> QuantSpec:
         """The :class:`QuantSpec` that ``prepare`` needs."""
+        dfq = self.aiq is not None and self.aiq.dfq
         return QuantSpec(
             w_bits=self.w_bits, a_bits=self.a_bits, head_w_bits=self.head_w_bits, head_a_bits=self.head_a_bits,
             patch_embed_w_bits=self.patch_embed_w_bits, quant_image_input=self.quant_image_input,
-            softmax_quantizer=self.softmax_quantizer, dfq_granularity=self.dfq_granularity,
-            dfq_below=self.dfq_below, matmul_granularity=self.matmul_granularity,
+            softmax_quantizer="dfq" if dfq else self.softmax_quantizer,
+            dfq_granularity=self.aiq.dfq_granularity if dfq else self.dfq_granularity,
+            dfq_below=self.aiq.dfq_below if dfq else self.dfq_below, matmul_granularity=self.matmul_granularity,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,6 +100,16 @@ PRESETS: dict[str, Recipe] = {
     "fimaq-lowrank": Recipe(name="fimaq-lowrank", reconstruction=ReconConfig(loss="fimaq_lowrank")),
     "fimaq": Recipe(name="fimaq", reconstruction=ReconConfig(loss="fimaq_dplr")),
     "fimaq+dfq": Recipe(name="fimaq+dfq", softmax_quantizer="dfq", reconstruction=ReconConfig(loss="fimaq_dplr")),
+    # AIQViT on its own base (aiqvit.md §1.2): RepQ-ViT quantizers, block reconstruction with the MSE
+    # loss on the quantized-prefix input, weights frozen (no AdaRound) and corrected only through
+    # the low-rank factors, DFQ on post-softmax attention, searched ranks, curriculum.
+    "aiqvit": Recipe(name="aiqvit", calibration=CalibConfig(method="repq", reparam=True, token_wise=False),
+                     reconstruction=ReconConfig(loss="mse", adaround=False, input_mode="qinp", iters=1000,
+                                                learn_act_scales=False),
+                     aiq=AIQConfig()),
+    "fimaq+lrc": Recipe(name="fimaq+lrc", reconstruction=ReconConfig(loss="fimaq_dplr"),
+                        aiq=AIQConfig(dfq=False, curriculum=False)),
+    "fimaq+aiq": Recipe(name="fimaq+aiq", reconstruction=ReconConfig(loss="fimaq_dplr"), aiq=AIQConfig()),
 }
 
 
@@ -101,8 +121,8 @@ def get_recipe(recipe: str | Recipe, **overrides: Any) -> Recipe:
     """A copy of a preset (or of ``recipe``) with ``overrides`` applied.
 
     Overrides name a :class:`Recipe` field (``w_bits=3``), a reconstruction field (``iters=500``,
-    ``rank=15``, ``batch_size=32``) or a calibration field (``eq_n=64``; its batch is
-    ``calib_batch_size``). ``None`` values are ignored so CLI defaults pass through.
+    ``rank=15``, ``batch_size=32``), a calibration field (``eq_n=64``; its batch is
+    ``calib_batch_size``) or an AIQViT field with an ``aiq_`` prefix (``aiq_lrc_mode="side"``). ``None`` values are ignored so CLI defaults pass through.
     """
     if isinstance(recipe, Recipe):
         base = copy.deepcopy(recipe)
@@ -110,9 +130,11 @@ def get_recipe(recipe: str | Recipe, **overrides: Any) -> Recipe:
         if recipe not in PRESETS:
             raise VitqError(f"unknown recipe {recipe!r}: choose one of {', '.join(recipe_names())}")
         base = copy.deepcopy(PRESETS[recipe])
-    top = {f.name for f in fields(Recipe)} - {"calibration", "reconstruction"}
+    top = {f.name for f in fields(Recipe)} - {"calibration", "reconstruction", "aiq"}
     recon_fields = {f.name for f in fields(ReconConfig)}
     calib_fields = {f.name for f in fields(CalibConfig)}
+    aiq_fields = {f.name for f in fields(AIQConfig)}
+    aiq_values: dict[str, Any] = {}
     top_values: dict[str, Any] = {}
     recon_values: dict[str, Any] = {}
     calib_values: dict[str, Any] = {}
@@ -123,6 +145,11 @@ def get_recipe(recipe: str | Recipe, **overrides: Any) -> Recipe:
             top_values[key] = value
         elif key == "calib_batch_size":
             calib_values["batch_size"] = value
+        elif key.startswith("aiq_") and key[4:] in aiq_fields:
+            if base.aiq is None:
+                raise VitqError(f"recipe {base.name!r} has no AIQViT stage, so {key!r} does not apply: "
+                                f"use one of {', '.join(n for n in recipe_names() if PRESETS[n].aiq)}")
+            aiq_values[key[4:]] = value
         elif key in recon_fields:
             if base.reconstruction is None:
                 raise VitqError(f"recipe {base.name!r} has no reconstruction stage, so {key!r} does not apply: "
@@ -138,8 +165,9 @@ def get_recipe(recipe: str | Recipe, **overrides: Any) -> Recipe:
     merged_recon = None
     if base.reconstruction is not None:
         merged_recon = ReconConfig(**{**asdict(base.reconstruction), **recon_values})
+    merged_aiq = AIQConfig(**{**asdict(base.aiq), **aiq_values}) if base.aiq is not None else None
     return Recipe(**{**{f.name: getattr(base, f.name) for f in fields(Recipe)}, **top_values,
-                     "calibration": merged_calib, "reconstruction": merged_recon})
+                     "calibration": merged_calib, "reconstruction": merged_recon, "aiq": merged_aiq})
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
@@ -147,4 +175,6 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     data = dict(data)
     calib = CalibConfig(**data.pop("calibration", {}))
     recon = data.pop("reconstruction", None)
-    return Recipe(**data, calibration=calib, reconstruction=ReconConfig(**recon) if recon else None)
+    aiq = data.pop("aiq", None)
+    return Recipe(**data, calibration=calib, reconstruction=ReconConfig(**recon) if recon else None,
+                  aiq=AIQConfig(**aiq) if aiq else None)

@@ -70,6 +70,7 @@ class ReconConfig:
     optim_size: int = 1024            # optimisation images
     input_mode: str = "qdrop"         # qdrop | rinp (float input) | qinp (quantized-prefix input)
     drop_prob: float = 0.5            # QDrop: probability of KEEPING the quantized value
+    adaround: bool = True             # learn the weight rounding (off: nearest rounding, weights frozen)
     weight_lr: float = 1e-3           # Adam on the AdaRound alphas
     act_lr: float = 4e-5              # Adam on the activation scales, cosine-annealed to 0
     learn_act_scales: bool = True
@@ -169,6 +170,60 @@ def capture_block_input(model: nn.Module, name: str, block: nn.Module, images: t
 @torch.no_grad()
 def _batched(fn, x: torch.Tensor, batch_size: int, device: torch.device, store: torch.device) -> torch.Tensor:
     return torch.cat([fn(x[i:i + batch_size].to(device)).detach().to(store) for i in range(0, len(x), batch_size)])
+
+
+# --------------------------------------------------------------------------- extensions
+
+@dataclass
+class BlockContext:
+    """What an extension sees of the block being reconstructed."""
+
+    model: nn.Module
+    name: str
+    block: nn.Module
+    x_fp: torch.Tensor
+    x_q: torch.Tensor
+    y_fp: torch.Tensor
+    cfg: "ReconConfig"
+    device: torch.device
+    gen: torch.Generator
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block input and float target for sample indices ``idx`` (per ``cfg.input_mode``)."""
+        xb_fp, yb = self.x_fp[idx].to(self.device), self.y_fp[idx].to(self.device)
+        if self.cfg.input_mode == "rinp":
+            return xb_fp, yb
+        xb_q = self.x_q[idx].to(self.device)
+        if self.cfg.input_mode == "qinp":
+            return xb_q, yb
+        keep = torch.rand(xb_fp.shape, generator=self.gen).to(self.device) < self.cfg.drop_prob
+        return torch.where(keep, xb_q, xb_fp), yb
+
+
+class BlockExtension:
+    """Hooks a method adds to the reconstruction loop (AIQViT uses them). Every hook is optional.
+
+    ``begin_block`` runs once the block's quantizers are trainable and returns extra parameter
+    groups (Adam, cosine-annealed with the activation scales); ``sample`` may choose each
+    batch's indices; ``end_block`` adds to the block summary; ``restore_block`` re-creates the
+    extension's modules of a finished block before a resumed run loads its state; ``finalize``
+    runs after the last block, before the AdaRound weights are folded.
+    """
+
+    def begin_block(self, ctx: BlockContext) -> list[dict[str, Any]]:
+        return []
+
+    def sample(self, it: int, n: int, batch_size: int, gen: torch.Generator) -> torch.Tensor | None:
+        return None
+
+    def end_block(self, ctx: BlockContext) -> dict[str, Any]:
+        return {}
+
+    def restore_block(self, model: nn.Module, name: str, block: nn.Module, summary: dict[str, Any]) -> None:
+        pass
+
+    def finalize(self, model: nn.Module) -> dict[str, Any]:
+        return {}
 
 
 # --------------------------------------------------------------------------- block state
@@ -274,7 +329,8 @@ def _per_sample_grads(model: nn.Module, name: str, block: nn.Module, x_in: torch
 
 def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor,
                       targets: torch.Tensor | None, cfg: ReconConfig, device: torch.device, gen: torch.Generator,
-                      progress: bool = True, desc: str = "") -> dict[str, Any]:
+                      progress: bool = True, desc: str = "", extension: BlockExtension | None = None
+                      ) -> dict[str, Any]:
     """Optimise one block (AdaRound alphas and activation scales); returns its summary.
 
     On return the block's weight quantizers are AdaRound in hard mode and its activation
@@ -297,7 +353,7 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
             per_sample = _per_sample_grads(model, name, block, x_q, targets, cfg, device, store)
 
     # ---- trainable state
-    installed = install_adaround(block)
+    installed = install_adaround(block) if cfg.adaround else []
     act_qs = _activation_quantizers(block)
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
@@ -320,9 +376,12 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
         q.b2.requires_grad_(True)
     for m in _block_quant_modules(block):
         m.mode = QuantMode.QUANT
+    ext = extension or BlockExtension()
+    ctx = BlockContext(model, name, block, x_fp, x_q, y_fp, cfg, device, gen)
+    ext_groups = ext.begin_block(ctx)
     opt_w = torch.optim.Adam(alphas, lr=cfg.weight_lr) if alphas else None
     groups = ([{"params": scales, "lr": cfg.act_lr}] if scales else []) + \
-             ([{"params": [p for q in dfqs for p in (q.b1, q.b2)], "lr": cfg.dfq_lr}] if dfqs else [])
+             ([{"params": [p for q in dfqs for p in (q.b1, q.b2)], "lr": cfg.dfq_lr}] if dfqs else []) + ext_groups
     opt_a = torch.optim.Adam(groups) if groups else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=cfg.iters, eta_min=0.0) if opt_a else None
 
@@ -338,13 +397,10 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
     for it in bar:
         if it in snaps:
             _refresh_snapshots(model, name, block, x_fp, x_q, y_fp, targets, cfg, device, gen, state)
-        idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
-        xb_fp, xb_q, yb = x_fp[idx].to(device), x_q[idx].to(device), y_fp[idx].to(device)
-        if cfg.input_mode == "qdrop":
-            keep = torch.rand(xb_fp.shape, generator=gen).to(device) < cfg.drop_prob
-            xb = torch.where(keep, xb_q, xb_fp)
-        else:
-            xb = xb_fp if cfg.input_mode == "rinp" else xb_q
+        idx = ext.sample(it, n, cfg.batch_size, gen)
+        if idx is None:
+            idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
+        xb, yb = ctx.batch(idx)
         out = block(xb)
         if is_head:
             rec = kl_logits_loss(out, yb, cfg.head_temperature)
@@ -419,7 +475,8 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
         final = float(lp_loss(_batched(block, x_fp[:256], cfg.capture_batch_size, device, store), y_fp[:256]))
     return {"block": name, "seconds": round(time.perf_counter() - t0, 3), "final_rec_loss": rec_v,
             "final_round_loss": round_v, "output_mse_fp_input": final, "snapshots": len(state.G),
-            "gram_condition": state.conds, "fallback": fallback, "adaround_layers": len(installed)}
+            "gram_condition": state.conds, "fallback": fallback, "adaround_layers": len(installed),
+            **ext.end_block(ctx)}
 
 
 def _refresh_snapshots(model: nn.Module, name: str, block: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor,
@@ -468,7 +525,7 @@ def _config_hash(cfg: ReconConfig, extra: dict[str, Any]) -> str:
 
 def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device: torch.device | str = "cpu",
                 seed: int = 0, progress: bool = True, work_dir: str | Path | None = None,
-                resume_key: dict[str, Any] | None = None) -> dict[str, Any]:
+                resume_key: dict[str, Any] | None = None, extension: BlockExtension | None = None) -> dict[str, Any]:
     """Reconstruct every block of a calibrated model in order; returns the per-block report.
 
     ``images``: the preprocessed optimisation images. With ``work_dir``, the state after each
@@ -493,9 +550,13 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
             raise VitqError(f"{ckpt} belongs to a run with other settings: use a new --out folder or delete it")
         done = saved["blocks"]
         for name, block in blocks:
-            if name in {d["block"] for d in done}:
-                for _, ada, _ in install_adaround(block):
-                    ada.soft = False
+            summary = next((d for d in done if d["block"] == name), None)
+            if summary is not None:
+                if cfg.adaround:
+                    for _, ada, _ in install_adaround(block):
+                        ada.soft = False
+                if extension is not None:
+                    extension.restore_block(model, name, block, summary)
         model.load_state_dict(saved["model"])
 
     needs_targets = cfg.loss in FISHER_LOSSES or cfg.loss == "brecq"
@@ -528,7 +589,7 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
                 per = (time.perf_counter() - t_start) / k_done
                 eta = f", ~{per * (len(todo) - k_done) / 60:.1f} min left"
             summary = reconstruct_block(model, name, block, x_fp, x_q, targets, cfg, device, gen, progress,
-                                        desc=f"block {index + 1}/{len(blocks)} {name}{eta}")
+                                        desc=f"block {index + 1}/{len(blocks)} {name}{eta}", extension=extension)
             summary["seconds"] = round(time.perf_counter() - t0, 3)
         summary["peak_mem_mb"] = round(mem.peak, 1)
         if device.type == "cuda":
@@ -541,6 +602,7 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
         if progress:
             tqdm.write(f"  {name}: {summary['seconds']:.1f}s, rec loss {summary['final_rec_loss']:.4f}, "
                        f"output MSE {summary['output_mse_fp_input']:.5f}")
+    final = extension.finalize(model) if extension is not None else {}
     fold_adaround(model, bases)
     set_mode(model, QuantMode.QUANT)
-    return {"blocks": done, "seconds": round(sum(d["seconds"] for d in done), 3)}
+    return {"blocks": done, "seconds": round(sum(d["seconds"] for d in done), 3), **final}
