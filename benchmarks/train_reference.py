@@ -191,6 +191,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the distillation term")
     ap.add_argument("--kd-temp", type=float, default=4.0)
+    ap.add_argument("--finetune-epochs", type=int, default=0,
+                    help="extra distillation epochs after the main schedule, cosine from --finetune-lr to 0")
+    ap.add_argument("--finetune-lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src/vitq/assets/cifar10_vit")
@@ -245,6 +248,15 @@ def main() -> None:
     student_log: list = []
     run_epochs("student", student, s_opt, args.epochs, args.batch_size, args.lr, 1, student_loss,
                x_tr, y_tr, x_te, y_te, CIFAR10_MEAN, CIFAR10_STD, args.work / "student.pt", args.seed, student_log)
+    if args.finetune_epochs:
+        # a second, short low-learning-rate schedule on top of the finished one (its own checkpoint)
+        ft_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                                   lr=args.finetune_lr)
+        ft_log: list = []
+        run_epochs("finetune", student, ft_opt, args.finetune_epochs, args.batch_size, args.finetune_lr, 0,
+                   student_loss, x_tr, y_tr, x_te, y_te, CIFAR10_MEAN, CIFAR10_STD, args.work / "student_ft.pt",
+                   args.seed + 1, ft_log)
+        student_log = student_log + [{**r, "epoch": args.epochs + r["epoch"], "stage": "finetune"} for r in ft_log]
 
     # ---- final fp32 evaluation and export
     student.eval()
@@ -269,6 +281,7 @@ def main() -> None:
         "training": {
             "command": "python benchmarks/train_reference.py " + " ".join(sys.argv[1:]),
             "epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "batch_size": args.batch_size,
+            "finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr,
             "lr": args.lr, "kd_alpha": a, "kd_temp": T, "seed": args.seed,
             "teacher_top1_before": teacher_before, "teacher_top1_after": teacher_log[-1]["test_top1"] if teacher_log else None,
         },

@@ -352,12 +352,12 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
         else:
             per_sample = _per_sample_grads(model, name, block, x_q, targets, cfg, device, store)
 
-    # ---- trainable state
-    installed = install_adaround(block) if cfg.adaround else []
-    act_qs = _activation_quantizers(block)
+    # ---- trainable state (flags recorded before AdaRound adds its alphas, so they end frozen)
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
+    installed = install_adaround(block) if cfg.adaround else []
+    act_qs = _activation_quantizers(block)
     alphas = [ada.alpha for _, ada, _ in installed]
     for ada in alphas:
         ada.requires_grad_(True)
