@@ -207,6 +207,16 @@ def init_percentile_search(q: UniformQuantizer | LogQuantizer, x: torch.Tensor) 
     q.set_params(*best)
 
 
+def init_by_method(q: UniformQuantizer | LogQuantizer, x: torch.Tensor, cfg: CalibConfig) -> None:
+    """Initialise ``q`` on ``x`` by the statistics rule of ``cfg.method`` (minmax, percentile, repq)."""
+    if cfg.method == "minmax":
+        init_minmax(q, x)
+    elif cfg.method == "percentile":
+        init_percentile(q, x, cfg.percentile)
+    else:
+        init_percentile_search(q, x)
+
+
 def init_dfq(q: DynamicFocusingQuantizer, p: torch.Tensor, v: torch.Tensor, how: str) -> None:
     """AIQViT's DFQ interval (aiqvit.md §3.4): grid search on the attention-output or self error, or min-max."""
     if how == "minmax":
@@ -472,12 +482,7 @@ def _per_channel_params(x2d: torch.Tensor, bits: int, cfg: CalibConfig) -> tuple
         rows = _subsample_rows(x2d, cfg.max_search_tokens, torch.Generator().manual_seed(cfg.seed))
         return _best_self(rows, s, z, qmax, dim=1)
     probe = UniformQuantizer(bits, granularity="channel", axis=-1).to(x2d.device)
-    if cfg.method == "minmax":
-        init_minmax(probe, x2d)
-    elif cfg.method == "percentile":
-        init_percentile(probe, x2d, cfg.percentile)
-    else:
-        init_percentile_search(probe, x2d)
+    init_by_method(probe, x2d, cfg)
     return probe.scale.detach().reshape(-1), probe.zero_point.reshape(-1)
 
 
@@ -570,12 +575,8 @@ def _init_module(module: QuantModule, inputs: list[torch.Tensor], cfg: CalibConf
         x = inputs[i]
         if isinstance(q, DynamicFocusingQuantizer):
             init_dfq(q, inputs[0], inputs[1], cfg.dfq_init)
-        elif cfg.method == "minmax":
-            init_minmax(q, x)
-        elif cfg.method == "percentile":
-            init_percentile(q, x, cfg.percentile)
         else:
-            init_percentile_search(q, x)
+            init_by_method(q, x, cfg)
 
 
 def calibrate(model: nn.Module, images: torch.Tensor, cfg: CalibConfig, device: torch.device | str = "cpu",
