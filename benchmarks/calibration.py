@@ -24,7 +24,6 @@ import io
 import json
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import torch
@@ -60,7 +59,7 @@ def write_outputs(out: Path, results: dict) -> None:
              "Command: `python benchmarks/calibration.py --out benchmarks`", "",
              f"Reference model `cifar10_vit`, FP top-1 **{results.get('fp_top1', float('nan')):.2f}%** "
              f"on the 10,000 CIFAR-10 test images; 128 calibration images from the training split (seed 0); "
-             "CPU, 2 threads. Peak memory is the process's resident peak during calibration.", "",
+             f"CPU, {results.get('threads', 2)} thread(s). Peak memory is the process's resident peak during calibration.", "",
              "| recipe | " + " | ".join(f"W{b}A{b} top-1" for b in BITS) + " | " +
              " | ".join(f"W{b}A{b} calib s" for b in BITS) + " | peak MB (W4A4) |",
              "|---|" + "---|" * (2 * len(BITS) + 1)]

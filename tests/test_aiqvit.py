@@ -15,7 +15,6 @@ from vitq.aiqvit import (
     DynamicFocusingQuantizer,
     LowRankFactors,
     MergedLowRank,
-    SideBranchLowRank,
     arch_parameters,
     attach_lowrank,
     candidate_ranks,
@@ -403,7 +402,7 @@ def test_config_defaults_aliases_and_errors() -> None:
     assert AIQConfig.for_bits(6).search_iters == 100
     assert cfg.rank_candidates(48, 144) == [0, 10, 20]
     for bad in (dict(dfq_below="half"), dict(lrc_mode="both"), dict(factor_bits=4), dict(search_split=1.0),
-                dict(lrc_init="svd"), dict(curriculum_start=0.0), dict(tau=0.0)):
+                dict(lrc_init="svd"), dict(curriculum_start=0.0), dict(tau=0.0), dict(search_warmup=1.0)):
         with pytest.raises(VitqError) as exc:
             AIQConfig(**bad)
         assert "\n" not in str(exc.value)

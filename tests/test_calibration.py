@@ -9,7 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import vitq
 from vitq.adapters import QuantSpec, prepare
-from vitq.calibration import CalibConfig, _grid, calibrate, fake_quant, reparam_layernorm
+from vitq.calibration import _grid, fake_quant, reparam_layernorm
 from vitq.errors import VitqError
 from vitq.qmodules import QuantMode, set_mode
 
@@ -49,7 +49,6 @@ def test_reparam_fold_preserves_float_output(images):
     model = copy.deepcopy(fp)
     prepare(model, QuantSpec(w_bits=4, a_bits=4))
     ref = fp(images)
-    x = torch.randn(200, 48) * 2 + 0.5
     for blk in model.blocks:
         for norm, lin in ((blk.norm1, blk.attn.qkv), (blk.norm2, blk.mlp.fc1)):
             s_c = torch.rand(48) * 0.1 + 0.01

@@ -267,3 +267,23 @@ def test_aiqvit_curriculum_and_lrc_resume_to_the_same_result(data, tmp_path, mon
 def test_aiq_options_need_an_aiq_recipe():
     with pytest.raises(vitq.VitqError, match="no AIQViT stage"):
         vitq.get_recipe("fimaq", aiq_lrc_mode="side")
+
+
+@pytest.mark.parametrize("warmup, trained_before_arch", [(0.0, False), (0.5, True)])
+def test_rank_search_warmup_trains_factors_before_the_architecture_steps(warmup, trained_before_arch, data,
+                                                                         monkeypatch):
+    # With B = 0 all candidate ranks give the same output, so alpha can only compare them after
+    # the factors moved: the warm-up must train A, B before the first architecture step.
+    import vitq.aiqvit_reconstruction as aiq_recon
+
+    seen = []
+    real_step = aiq_recon.first_order_darts_step
+
+    def spy(weight_loss, val_loss, weight_opt, arch_opt, lowranks, *args, **kwargs):
+        if not seen:
+            seen.append(max(float(lr.B.abs().max()) for lr in lowranks))
+        return real_step(weight_loss, val_loss, weight_opt, arch_opt, lowranks, *args, **kwargs)
+
+    monkeypatch.setattr(aiq_recon, "first_order_darts_step", spy)
+    vitq.quantize(tiny_model(), data, "aiqvit", **{**AIQ_QUICK, "aiq_search_iters": 4, "aiq_search_warmup": warmup})
+    assert (seen[0] > 0) == trained_before_arch

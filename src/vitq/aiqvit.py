@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .errors import VitqError
 from .qmodules import QuantLinear, QuantMode
-from .quantizers import AdaRoundQuantizer, Quantizer, UniformQuantizer, bits_enabled, round_ste, validate_bits
+from .quantizers import AdaRoundQuantizer, Quantizer, UniformQuantizer, round_ste
 
 DFQ_GRANULARITIES = ("layer", "head")
 DFQ_BELOW = ("clip", "zero")
@@ -110,12 +110,12 @@ class DynamicFocusingQuantizer(Quantizer):
             :meth:`observe`, :meth:`init_from` or :meth:`set_bounds`.
     """
 
+    # the bounds become per-head only once the head count is known
     _RESIZABLE = ("b1", "b2", "min_val", "max_val")
 
     def __init__(self, bits: int | None, granularity: str = "layer", below: str = "clip",
                  num_heads: int | None = None) -> None:
-        super().__init__()
-        self.bits = validate_bits(bits)
+        super().__init__(bits)
         _choice("dfq granularity", granularity, DFQ_GRANULARITIES)
         _choice("dfq below", below, DFQ_BELOW)
         self.granularity = granularity
@@ -123,23 +123,8 @@ class DynamicFocusingQuantizer(Quantizer):
         shape = (1, num_heads, 1, 1) if (granularity == "head" and num_heads) else (1,)
         self.b1 = nn.Parameter(torch.zeros(shape), requires_grad=False)
         self.b2 = nn.Parameter(torch.ones(shape), requires_grad=False)
-        # QDrop: probability of KEEPING the quantized value, training mode only (as UniformQuantizer).
-        self.drop_prob = 1.0
-        self.register_buffer("min_val", torch.empty(0))
-        self.register_buffer("max_val", torch.empty(0))
-        self.register_buffer("initialized", torch.tensor(False))
 
     # ----------------------------------------------------------------- state
-    @property
-    def enabled(self) -> bool:
-        """False for bits None/16/32 (identity)."""
-        return bits_enabled(self.bits)
-
-    @property
-    def is_calibrated(self) -> bool:
-        """True once the bounds were set (identity quantizers are always ready)."""
-        return (not self.enabled) or bool(self.initialized)
-
     @property
     def levels(self) -> int:
         """Number of uniform steps on [b1, b2] (2^k - 1 for clip, 2^k - 2 for zero)."""
@@ -202,19 +187,12 @@ class DynamicFocusingQuantizer(Quantizer):
         self.min_val = torch.minimum(self.min_val, lo)
         self.max_val = torch.maximum(self.max_val, hi)
 
-    def reset_observer(self) -> None:
-        """Forget the observed min/max."""
-        self.min_val = torch.empty(0, device=self.min_val.device)
-        self.max_val = torch.empty(0, device=self.max_val.device)
-
     @torch.no_grad()
     def init_from_minmax(self) -> None:
         """``b1`` = observed min (clipped to >= 0), ``b2`` = observed max."""
-        if not self.enabled:
-            return
-        if self.min_val.numel() == 0:
-            raise RuntimeError("init_from_minmax() before any observe() call")
-        self.set_bounds(self.min_val.clamp(min=0.0), self.max_val.clamp(max=1.0))
+        if self.enabled:
+            lo, hi = self._observed()
+            self.set_bounds(lo.clamp(min=0.0), hi.clamp(max=1.0))
 
     @torch.no_grad()
     def init_from(self, P: torch.Tensor, V: torch.Tensor | None = None) -> torch.Tensor:
@@ -258,20 +236,13 @@ class DynamicFocusingQuantizer(Quantizer):
         return best_err
 
     # ----------------------------------------------------------------- forward
-    def _check_ready(self) -> None:
-        if not bool(self.initialized):
-            raise RuntimeError("DynamicFocusingQuantizer is not calibrated: run init_from(), "
-                               "observe() + init_from_minmax(), or set_bounds() before quantizing")
+    _NOT_READY_HINT = "run init_from(), observe() + init_from_minmax(), or set_bounds() before quantizing"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
         self._check_ready()
-        x_hat = _dfq_fake(x, self.b1, self.b2, self.bits, self.below)
-        if self.training and self.drop_prob < 1.0:
-            keep = torch.rand_like(x) < self.drop_prob
-            return torch.where(keep, x_hat, x)
-        return x_hat
+        return self._qdrop(x, _dfq_fake(x, self.b1, self.b2, self.bits, self.below))
 
     # ----------------------------------------------------------------- integer forms (§3.5)
     @torch.no_grad()
@@ -332,24 +303,6 @@ class DynamicFocusingQuantizer(Quantizer):
         q = UniformQuantizer(self.bits, symmetric=False, granularity=gran, axis=1 if gran == "head" else None)
         q.set_params(scale, zp)
         return q
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
-                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
-        # Bounds become per-head only once the head count is known: adopt the incoming shape.
-        for name in self._RESIZABLE:
-            key = prefix + name
-            if key not in state_dict:
-                continue
-            current = getattr(self, name)
-            if tuple(current.shape) != tuple(state_dict[key].shape):
-                fresh = torch.empty(state_dict[key].shape, dtype=current.dtype, device=current.device)
-                if isinstance(current, nn.Parameter):
-                    current.data = fresh
-                else:
-                    setattr(self, name, fresh)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, {self.granularity}, below={self.below}, bounds_shape={tuple(self.b1.shape)}"
@@ -995,7 +948,7 @@ class AIQConfig:
     2 factor precision -> ``factor_bits``; 3 init -> ``lrc_init``, ``lrc_act_scaled``; 4 search ->
     ``rank_policy``, ``supernet``, ``tau``, ``reinit_after_search``; 5 search space ->
     ``candidate_mode``, ``candidates``, ``candidate_fractions``, ``rank_limit``; 6 cost term ->
-    ``size_penalty``, ``normalise_search_loss``; 10 (part) -> ``search_iters``, ``lrc_lr``;
+    ``size_penalty``, ``normalise_search_loss``; 10 (part) -> ``search_iters``, ``search_warmup``, ``lrc_lr``;
     11 -> ``dfq_granularity``; 12 -> ``dfq_below``; 15 -> ``curriculum*``. Settings the recipe
     already owns are not repeated here: the fine-tuning budget, batch, loss, activation-scale
     learning (8-10) are the recipe's ``ReconConfig``; the base quantizers and granularities (8) its
@@ -1030,6 +983,10 @@ class AIQConfig:
     supernet: str = "nested"              # nested | independent  (§6.4)
     tau: float = 1.0
     search_iters: int = 300
+    # Share of search_iters that train only A, B before the architecture steps start: with B = 0
+    # every candidate rank gives the same output, so without a warm-up only the size penalty moves
+    # alpha and short searches pick rank 0 everywhere (seen on the reference model).
+    search_warmup: float = 0.25
     search_split: float = 0.8             # train share of the calibration set during the search
     arch_lr: float = 5e-3
     arch_betas: tuple[float, float] = (0.5, 0.999)
@@ -1088,6 +1045,8 @@ class AIQConfig:
             raise VitqError(f"arch_betas must be two numbers in [0, 1), got {self.arch_betas}")
         if self.search_iters < 0:
             raise VitqError(f"search_iters must be >= 0, got {self.search_iters}")
+        if not 0.0 <= self.search_warmup < 1.0:
+            raise VitqError(f"search_warmup is a share of search_iters in [0, 1), got {self.search_warmup}")
         if not 0.0 < self.curriculum_start <= self.curriculum_end <= 1.0:
             raise VitqError("curriculum needs 0 < curriculum_start <= curriculum_end <= 1, "
                             f"got {self.curriculum_start}, {self.curriculum_end}")

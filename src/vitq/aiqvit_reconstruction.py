@@ -112,7 +112,14 @@ class AIQViTExtension(BlockExtension):
         if cfg.normalise_search_loss:
             with torch.no_grad():
                 ref = float(self._loss(ctx, draw(val_idx)))
-        for _ in range(cfg.search_iters):
+        warmup = int(round(cfg.search_warmup * cfg.search_iters))
+        for it in range(cfg.search_iters):
+            if it < warmup:  # factors only: the candidates must differ before alpha can compare them
+                weight_opt.zero_grad(set_to_none=True)
+                self._loss(ctx, draw(train_idx)).backward()
+                weight_opt.step()
+                project_dfq_(ctx.block)
+                continue
             first_order_darts_step(lambda: self._loss(ctx, draw(train_idx)), lambda: self._loss(ctx, draw(val_idx)),
                                    weight_opt, arch_opt, lowranks, cfg.size_penalty, ref,
                                    after_weight_step=lambda: project_dfq_(ctx.block))

@@ -53,34 +53,28 @@ def bits_enabled(bits: int | None) -> bool:
 
 
 class Quantizer(nn.Module):
-    """Base of every fake quantizer (uniform, log, AIQViT's DFQ): what quant modules hold in their slots."""
+    """Base of every fake quantizer (uniform, log, AIQViT's DFQ): what quant modules hold in their slots.
 
-
-class _QuantizerBase(Quantizer):
-    """Shared state handling: bits, QDrop, min/max observer, resizable state dict."""
+    It owns the bookkeeping they all share: ``bits`` (None/16/32 = identity), QDrop's
+    ``drop_prob``, the min/max observer buffers, the persisted ``initialized`` flag and a
+    state-dict load that adopts the incoming shape of the tensors named in ``_RESIZABLE``.
+    Subclasses add their grid parameters (scale/zero point, or DFQ's bounds) and ``forward``.
+    """
 
     # Tensors whose shape may change after construction; resized on state-dict load.
-    _RESIZABLE = ("scale", "zero_point", "min_val", "max_val")
+    _RESIZABLE: tuple[str, ...] = ("min_val", "max_val")
 
-    def __init__(self, bits: int | None, granularity: str, axis: int | None) -> None:
+    def __init__(self, bits: int | None) -> None:
         super().__init__()
         self.bits = validate_bits(bits)
-        if granularity not in GRANULARITIES:
-            raise VitqError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-        self.granularity = granularity
-        self.axis = _DEFAULT_AXIS[granularity] if axis is None else axis
         # QDrop (fimaq.md §2.3): probability of KEEPING the quantized value, training mode only.
         self.drop_prob = 1.0
-        # Scale is a Parameter so reconstruction can learn it; frozen until asked for.
-        self.scale = nn.Parameter(torch.ones(1), requires_grad=False)
-        self.register_buffer("zero_point", torch.zeros(1))
         # Empty observer buffers mean "nothing observed yet".
         self.register_buffer("min_val", torch.empty(0))
         self.register_buffer("max_val", torch.empty(0))
         # Persisted so a loaded checkpoint knows it is calibrated.
         self.register_buffer("initialized", torch.tensor(False))
 
-    # ----------------------------------------------------------------- state
     @property
     def enabled(self) -> bool:
         """False for bits None/16/32 (the quantizer is the identity)."""
@@ -88,8 +82,69 @@ class _QuantizerBase(Quantizer):
 
     @property
     def is_calibrated(self) -> bool:
-        """True once scale/zero point were set (identity quantizers are always ready)."""
+        """True once the grid was set (identity quantizers are always ready)."""
         return (not self.enabled) or bool(self.initialized)
+
+    def reset_observer(self) -> None:
+        """Forget the observed min/max."""
+        self.min_val = torch.empty(0, device=self.min_val.device)
+        self.max_val = torch.empty(0, device=self.max_val.device)
+
+    def _observed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The observed (min, max); raises when nothing was observed yet."""
+        if self.min_val.numel() == 0:
+            raise RuntimeError("init_from_minmax() before any observe() call")
+        return self.min_val, self.max_val
+
+    _NOT_READY_HINT = "run observe() then init_from_minmax(), or set_params(), before quantizing"
+
+    def _check_ready(self) -> None:
+        if not bool(self.initialized):
+            raise RuntimeError(f"{self.__class__.__name__}({self.extra_repr()}) is not calibrated: "
+                               f"{self._NOT_READY_HINT}")
+
+    def _qdrop(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        if self.training and self.drop_prob < 1.0:
+            keep = torch.rand_like(x) < self.drop_prob
+            return torch.where(keep, x_hat, x)
+        return x_hat
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        # The default loader refuses shape mismatches; our shapes legitimately change after
+        # construction (first observation, token-wise expansion, per-head bounds), so adopt them.
+        for name in self._RESIZABLE:
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            incoming = state_dict[key]
+            current = getattr(self, name)
+            if tuple(current.shape) == tuple(incoming.shape):
+                continue
+            fresh = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
+            if isinstance(current, nn.Parameter):
+                current.data = fresh
+            else:
+                setattr(self, name, fresh)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class _QuantizerBase(Quantizer):
+    """Scale / zero-point state and the granularity-aware min/max observer of the uniform and log quantizers."""
+
+    _RESIZABLE = ("scale", "zero_point", "min_val", "max_val")
+
+    def __init__(self, bits: int | None, granularity: str, axis: int | None) -> None:
+        super().__init__(bits)
+        if granularity not in GRANULARITIES:
+            raise VitqError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+        self.granularity = granularity
+        self.axis = _DEFAULT_AXIS[granularity] if axis is None else axis
+        # Scale is a Parameter so reconstruction can learn it; frozen until asked for.
+        self.scale = nn.Parameter(torch.ones(1), requires_grad=False)
+        self.register_buffer("zero_point", torch.zeros(1))
 
     def set_params(self, scale: torch.Tensor | float, zero_point: torch.Tensor | float | None = None) -> None:
         """Replace scale and zero point (any shape broadcastable against the input).
@@ -149,44 +204,6 @@ class _QuantizerBase(Quantizer):
         if self.enabled:
             self._update_minmax(x)
 
-    def reset_observer(self) -> None:
-        """Forget the observed min/max."""
-        self.min_val = torch.empty(0, device=self.min_val.device)
-        self.max_val = torch.empty(0, device=self.max_val.device)
-
-    def _check_ready(self) -> None:
-        if not bool(self.initialized):
-            raise RuntimeError(
-                f"{self.__class__.__name__}({self.extra_repr()}) is not calibrated: "
-                "run observe() then init_from_minmax(), or set_params(), before quantizing")
-
-    def _qdrop(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        if self.training and self.drop_prob < 1.0:
-            keep = torch.rand_like(x) < self.drop_prob
-            return torch.where(keep, x_hat, x)
-        return x_hat
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
-                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
-        # The default loader refuses shape mismatches; our shapes legitimately change after
-        # construction (first observation, token-wise expansion), so adopt the incoming shape.
-        for name in self._RESIZABLE:
-            key = prefix + name
-            if key not in state_dict:
-                continue
-            incoming = state_dict[key]
-            current = getattr(self, name)
-            if tuple(current.shape) == tuple(incoming.shape):
-                continue
-            fresh = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
-            if isinstance(current, nn.Parameter):
-                current.data = fresh
-            else:
-                setattr(self, name, fresh)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
 
 class UniformQuantizer(_QuantizerBase):
     """Uniform fake quantizer (asymmetric by default), see module docstring.
@@ -218,10 +235,8 @@ class UniformQuantizer(_QuantizerBase):
         """Set scale/zero point so the observed [min, max] maps onto the integer grid."""
         if not self.enabled:
             return
-        if self.min_val.numel() == 0:
-            raise RuntimeError("init_from_minmax() before any observe() call")
+        lo, hi = self._observed()
         qmin, qmax = self.quant_range()
-        lo, hi = self.min_val, self.max_val
         if self.symmetric:
             # Use both halves of the signed grid: the negative side has one extra level.
             neg, pos = (-lo).clamp(min=0), hi.clamp(min=0)
@@ -283,11 +298,8 @@ class LogQuantizer(_QuantizerBase):
     @torch.no_grad()
     def init_from_minmax(self) -> None:
         """scale = observed max (so the largest probability gets code 0)."""
-        if not self.enabled:
-            return
-        if self.max_val.numel() == 0:
-            raise RuntimeError("init_from_minmax() before any observe() call")
-        self.set_params(self.max_val.clamp(min=1e-8))
+        if self.enabled:
+            self.set_params(self._observed()[1].clamp(min=1e-8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
