@@ -76,7 +76,8 @@ def cells(groups: list[str], iters: int) -> list[dict]:
     if "w4" in groups:
         out += [dict(variant=v, bits=4, seed=0, iters=iters) for v in ("aiqvit", "base", "fimaq+aiq")]
     if "seeds" in groups:
-        out += [dict(variant=v, bits=3, seed=s, iters=iters) for s in (1, 2) for v in ("aiqvit", "fimaq+aiq")]
+        # the cheap preset over both seeds first, then the combination
+        out += [dict(variant=v, bits=3, seed=s, iters=iters) for v in ("aiqvit", "fimaq+aiq") for s in (1, 2)]
     return out
 
 
@@ -86,8 +87,10 @@ def cell_key(c: dict) -> str:
 
 def cell_recipe(c: dict, search_iters: int) -> vitq.Recipe:
     name, overrides = VARIANTS[c["variant"]]
+    # fimaq+dfq has no AIQViT stage (DFQ is a quantizer choice), so no rank search to size
+    search = {"aiq_search_iters": search_iters} if vitq.get_recipe(name).aiq is not None else {}
     return vitq.get_recipe(name, w_bits=c["bits"], a_bits=c["bits"], seed=c["seed"], iters=c["iters"],
-                           aiq_search_iters=search_iters, **overrides)
+                           **search, **overrides)
 
 
 def run_cell(c: dict, recipe: vitq.Recipe, fp_model, loader, work: Path) -> dict:
@@ -177,13 +180,18 @@ def summarise(results: dict, fimaq: dict) -> str:
     for v in ("mse", "fimaq", "aiqvit", "fimaq+aiq"):
         accs = [c["top1"] for c in (get(v, 3, s) for s in (0, 1, 2)) if c]
         if accs:
-            sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-            lines.append(f"| {v} | {statistics.mean(accs):.2f} | {sd:.2f} | {len(accs)} |")
+            sd = f"{statistics.stdev(accs):.2f}" if len(accs) > 1 else "-"
+            lines.append(f"| {v} | {statistics.mean(accs):.2f} | {sd} | {len(accs)} |")
     searched = get("base + LRC searched", 3)
     if searched and searched.get("lrc_ranks"):
+        roles = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+        by_block: dict[str, dict[str, int]] = {}
+        for layer, rank in searched["lrc_ranks"].items():
+            block, _, role = layer.partition(".")[2].partition(".")
+            by_block.setdefault(f"blocks.{block}", {})[role] = rank
         lines += ["", "## Ranks chosen by the search (base + LRC searched, W3A3)", "",
-                  "| layer | rank |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in searched["lrc_ranks"].items()]
+                  "| block | " + " | ".join(roles) + " |", "|---" * (len(roles) + 1) + "|"]
+        lines += [f"| {b} | " + " | ".join(str(r.get(role, "-")) for role in roles) + " |" for b, r in by_block.items()]
     ov = results.get("overhead")
     if ov:
         wb = ov["quantized_weight_bits"]
@@ -195,6 +203,11 @@ def summarise(results: dict, fimaq: dict) -> str:
                   "| form | extra params | extra weight storage | extra MFLOPs / image |", "|---|---|---|---|"]
         for label, r in ov["rows"].items():
             lines.append(f"| {label} | {r['params']:,} | {100 * r['weight_bits'] / wb:.1f}% | {r['flops'] / 1e6:.2f} |")
+    missing = [cell_key(c) for c in cells(["ablation", "w4", "seeds"], iters) if cell_key(c) not in rows]
+    if missing:
+        lines += ["", "## Not measured yet", "",
+                  "These cells have not run (10-25 minutes of one CPU core each here); the command above runs them "
+                  "and resumes this table: " + ", ".join(f"`{m}`" for m in missing) + "."]
     lines += ["", f"Versions: {results['versions']}", ""]
     return "\n".join(lines)
 

@@ -96,7 +96,8 @@ def main() -> None:
     out_json = args.out / "calibration.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {"cells": {}}
     results["versions"] = versions()
-    results["threads"] = torch.get_num_threads()
+    if not (args.skip_cifar and args.skip_deit):  # timings are only comparable at one thread count
+        results["threads"] = torch.get_num_threads()
     spec = resolve_data("cifar10")
 
     if not args.skip_cifar:
