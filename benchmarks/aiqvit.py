@@ -9,7 +9,7 @@ Cells (each: quantize ``cifar10_vit`` from scratch with the recipe, top-1 on the
   quantizer parameters with the MSE loss on the quantized-prefix input, no AdaRound); without
   DFQ its post-softmax quantizer is the plain uniform one. The ``aiqvit`` preset itself freezes
   the activation scales (only the low-rank factors and the DFQ bounds are trained).
-* ``w4`` (W4A4, seed 0): base, ``aiqvit``, ``fimaq+aiq``.
+* ``w4`` (W4A4, seed 0): the same variants, the presets first.
 * ``seeds`` (W3A3, seeds 1 and 2): ``aiqvit`` and ``fimaq+aiq``.
 * ``overhead``: inference overhead of the two LRC forms with the ranks the searched cell chose
   (merged: none, folded into the weights; side branch: extra parameters, weight bits, FLOPs
@@ -60,12 +60,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "base + all three": ("aiqvit", {"learn_act_scales": True}),
     "aiqvit": ("aiqvit", {}),
     "fimaq+dfq": ("fimaq+dfq", {}),
+    # fimaq's own post-softmax quantizer is per head; this separates DFQ's interval from its granularity
+    "fimaq+dfq per head": ("fimaq+dfq", {"dfq_granularity": "head"}),
     "fimaq+lrc": ("fimaq+lrc", {}),
     "fimaq+aiq": ("fimaq+aiq", {}),
 }
 # W3A3 cells in the order that answers the most first (the done-when cell leads)
 ABLATION = ("aiqvit", "base", "base + LRC searched", "base + DFQ", "fimaq+aiq", "base + LRC fixed r=20",
-            "base + curriculum", "base + all three", "fimaq+dfq", "fimaq+lrc")
+            "base + curriculum", "base + all three", "fimaq+dfq", "fimaq+lrc", "fimaq+dfq per head")
 TOKENS = 65  # cifar10_vit: 8 x 8 patches + the class token
 
 
@@ -74,7 +76,11 @@ def cells(groups: list[str], iters: int) -> list[dict]:
     if "ablation" in groups:
         out += [dict(variant=v, bits=3, seed=0, iters=iters) for v in ABLATION]
     if "w4" in groups:
-        out += [dict(variant=v, bits=4, seed=0, iters=iters) for v in ("aiqvit", "base", "fimaq+aiq")]
+        # the presets first, then the rest of the ablation, cheapest components first
+        first = ("aiqvit", "base", "fimaq+aiq", "base + LRC fixed r=20", "base + DFQ", "base + curriculum",
+                 "base + LRC searched", "base + all three", "fimaq+lrc", "fimaq+dfq per head", "fimaq+dfq")
+        order = first + tuple(v for v in ABLATION if v not in first)
+        out += [dict(variant=v, bits=4, seed=0, iters=iters) for v in order]
     if "seeds" in groups:
         # the cheap preset over both seeds first, then the combination
         out += [dict(variant=v, bits=3, seed=s, iters=iters) for v in ("aiqvit", "fimaq+aiq") for s in (1, 2)]
@@ -222,13 +228,20 @@ def main() -> None:
     args = ap.parse_args()
     out_json = args.out / "aiqvit.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {"cells": {}}
-    results.update(iters=args.iters, search_iters=args.search_iters, versions=versions(),
+    # the command names every group this JSON holds (not just this invocation's), so it reproduces the whole table
+    groups = [g for g in ("ablation", "w4", "seeds", "overhead")
+              if g in set(args.groups) | set(results.get("groups", ["ablation"] if results["cells"] else []))]
+    results.update(iters=args.iters, search_iters=args.search_iters, versions=versions(), groups=groups,
                    command="python benchmarks/aiqvit.py --iters {} --search-iters {} --groups {}".format(
-                       args.iters, args.search_iters, " ".join(args.groups)))
+                       args.iters, args.search_iters, " ".join(groups)))
 
     def save() -> None:
         fimaq_json = args.out / "fimaq.json"
         fimaq = json.loads(fimaq_json.read_text()) if fimaq_json.is_file() else {}
+        # keep cells another sweep wrote to the same JSON meanwhile (two sweeps may share the machine)
+        if out_json.is_file():
+            for key, cell in json.loads(out_json.read_text())["cells"].items():
+                results["cells"].setdefault(key, cell)
         atomic_write_bytes(out_json, lambda fh: fh.write(json.dumps(results, indent=2).encode()))
         atomic_write_bytes(args.out / "aiqvit.md", lambda fh: fh.write(summarise(results, fimaq).encode()))
 

@@ -245,6 +245,10 @@ def main() -> None:
                    command="python benchmarks/fimaq.py --iters {} --groups {}".format(args.iters, " ".join(groups)))
 
     def save() -> None:
+        # keep cells another sweep wrote to the same JSON meanwhile (two sweeps may share the machine)
+        if out_json.is_file():
+            for key, cell in json.loads(out_json.read_text())["cells"].items():
+                results["cells"].setdefault(key, cell)
         atomic_write_bytes(out_json, lambda fh: fh.write(json.dumps(results, indent=2).encode()))
         atomic_write_bytes(args.out / "fimaq.md", lambda fh: fh.write(summarise(results).encode()))
 
