@@ -43,11 +43,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import vitq  # noqa: E402
 from vitq.api import images_needed  # noqa: E402
-from vitq.data import atomic_write_bytes, build_dataset, make_loader, resolve_data  # noqa: E402
+from vitq.data import build_dataset, make_loader, resolve_data  # noqa: E402
 from vitq.evaluation import evaluate  # noqa: E402
 from vitq.models import eval_transform  # noqa: E402
 from vitq.qmodules import quant_modules  # noqa: E402
 from vitq.report import stage, versions  # noqa: E402
+from sweep import open_results, save_results  # noqa: E402  (benchmarks/, the script's own folder)
 
 # base: the aiqvit preset with its three components off and the activation scales learned
 BASE = {"aiq_dfq": False, "aiq_lrc": False, "aiq_curriculum": False, "learn_act_scales": True}
@@ -65,6 +66,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "fimaq+lrc": ("fimaq+lrc", {}),
     "fimaq+aiq": ("fimaq+aiq", {}),
 }
+# W4A4: the same variants, the presets first, then the components cheapest first
+W4_ORDER = ("aiqvit", "base", "fimaq+aiq", "base + LRC fixed r=20", "base + DFQ", "base + curriculum",
+            "base + LRC searched", "base + all three", "fimaq+lrc", "fimaq+dfq per head", "fimaq+dfq")
 # W3A3 cells in the order that answers the most first (the done-when cell leads)
 ABLATION = ("aiqvit", "base", "base + LRC searched", "base + DFQ", "fimaq+aiq", "base + LRC fixed r=20",
             "base + curriculum", "base + all three", "fimaq+dfq", "fimaq+lrc", "fimaq+dfq per head")
@@ -76,11 +80,7 @@ def cells(groups: list[str], iters: int) -> list[dict]:
     if "ablation" in groups:
         out += [dict(variant=v, bits=3, seed=0, iters=iters) for v in ABLATION]
     if "w4" in groups:
-        # the presets first, then the rest of the ablation, cheapest components first
-        first = ("aiqvit", "base", "fimaq+aiq", "base + LRC fixed r=20", "base + DFQ", "base + curriculum",
-                 "base + LRC searched", "base + all three", "fimaq+lrc", "fimaq+dfq per head", "fimaq+dfq")
-        order = first + tuple(v for v in ABLATION if v not in first)
-        out += [dict(variant=v, bits=4, seed=0, iters=iters) for v in order]
+        out += [dict(variant=v, bits=4, seed=0, iters=iters) for v in W4_ORDER]
     if "seeds" in groups:
         # the cheap preset over both seeds first, then the combination
         out += [dict(variant=v, bits=3, seed=s, iters=iters) for v in ("aiqvit", "fimaq+aiq") for s in (1, 2)]
@@ -227,23 +227,15 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/bench_aiqvit"))
     args = ap.parse_args()
     out_json = args.out / "aiqvit.json"
-    results = json.loads(out_json.read_text()) if out_json.is_file() else {"cells": {}}
-    # the command names every group this JSON holds (not just this invocation's), so it reproduces the whole table
-    groups = [g for g in ("ablation", "w4", "seeds", "overhead")
-              if g in set(args.groups) | set(results.get("groups", ["ablation"] if results["cells"] else []))]
-    results.update(iters=args.iters, search_iters=args.search_iters, versions=versions(), groups=groups,
+    results, groups = open_results(out_json, ("ablation", "w4", "seeds", "overhead"), args.groups)
+    results.update(iters=args.iters, search_iters=args.search_iters, versions=versions(),
                    command="python benchmarks/aiqvit.py --iters {} --search-iters {} --groups {}".format(
                        args.iters, args.search_iters, " ".join(groups)))
 
     def save() -> None:
         fimaq_json = args.out / "fimaq.json"
         fimaq = json.loads(fimaq_json.read_text()) if fimaq_json.is_file() else {}
-        # keep cells another sweep wrote to the same JSON meanwhile (two sweeps may share the machine)
-        if out_json.is_file():
-            for key, cell in json.loads(out_json.read_text())["cells"].items():
-                results["cells"].setdefault(key, cell)
-        atomic_write_bytes(out_json, lambda fh: fh.write(json.dumps(results, indent=2).encode()))
-        atomic_write_bytes(args.out / "aiqvit.md", lambda fh: fh.write(summarise(results, fimaq).encode()))
+        save_results(out_json, results, args.out / "aiqvit.md", lambda r: summarise(r, fimaq))
 
     todo = [c for c in cells(args.groups, args.iters) if cell_key(c) not in results["cells"]]
     fp_model = vitq.load_model("cifar10_vit")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -34,10 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import vitq  # noqa: E402
-from vitq.data import atomic_write_bytes, build_dataset, make_loader, resolve_data  # noqa: E402
+from vitq.data import build_dataset, make_loader, resolve_data  # noqa: E402
 from vitq.evaluation import evaluate  # noqa: E402
 from vitq.models import eval_transform  # noqa: E402
 from vitq.report import stage, versions  # noqa: E402
+from sweep import open_results, save_results  # noqa: E402  (benchmarks/, the script's own folder)
 
 CALIB_ONLY = ("mse", "repq")
 RECON = ("brecq", "qdrop", "fimaq-diag", "fimaq-lowrank", "fimaq")
@@ -237,20 +237,12 @@ def main() -> None:
                     default=Path(__file__).resolve().parents[2] / "shared/data/imagenet-sample-128.tar.gz")
     args = ap.parse_args()
     out_json = args.out / "fimaq.json"
-    results = json.loads(out_json.read_text()) if out_json.is_file() else {"cells": {}}
-    # the command names every group this JSON holds, so it reproduces the whole table
-    groups = [g for g in ("main", "seeds", "rank", "form", "iters", "deit")
-              if g in set(args.groups) | set(results.get("groups", ["main"] if results["cells"] else []))]
-    results.update(iters=args.iters, versions=versions(), groups=groups,
+    results, groups = open_results(out_json, ("main", "seeds", "rank", "form", "iters", "deit"), args.groups)
+    results.update(iters=args.iters, versions=versions(),
                    command="python benchmarks/fimaq.py --iters {} --groups {}".format(args.iters, " ".join(groups)))
 
     def save() -> None:
-        # keep cells another sweep wrote to the same JSON meanwhile (two sweeps may share the machine)
-        if out_json.is_file():
-            for key, cell in json.loads(out_json.read_text())["cells"].items():
-                results["cells"].setdefault(key, cell)
-        atomic_write_bytes(out_json, lambda fh: fh.write(json.dumps(results, indent=2).encode()))
-        atomic_write_bytes(args.out / "fimaq.md", lambda fh: fh.write(summarise(results).encode()))
+        save_results(out_json, results, args.out / "fimaq.md", summarise)
 
     todo = [c for c in cells(args.groups, args.iters) if cell_key(c) not in results["cells"]]
     if todo:

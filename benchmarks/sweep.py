@@ -1,0 +1,33 @@
+"""The results file shared by the resumable sweeps (fimaq.py, aiqvit.py).
+
+A sweep's JSON holds ``cells`` (one entry per finished cell) plus whatever the script adds; a
+rerun skips finished cells, and two sweeps may write the same file at once (the machine runs
+two single-threaded sweeps side by side), so saving keeps the cells the other one wrote.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+from vitq.data import atomic_write_bytes
+
+
+def open_results(path: Path, all_groups: Sequence[str], requested: Sequence[str]) -> tuple[dict, list[str]]:
+    """The results so far and every group they now cover (held before or requested now), in
+    ``all_groups`` order, so the recorded command reproduces the whole table. A file from before
+    groups were recorded held only the first group."""
+    results = json.loads(path.read_text()) if path.is_file() else {"cells": {}}
+    held = results.get("groups", [all_groups[0]] if results["cells"] else [])
+    groups = [g for g in all_groups if g in set(requested) | set(held)]
+    results["groups"] = groups
+    return results, groups
+
+
+def save_results(path: Path, results: dict, md_path: Path, summarise: Callable[[dict], str]) -> None:
+    """Write the JSON and its markdown table atomically, keeping cells another sweep wrote meanwhile."""
+    if path.is_file():
+        for key, cell in json.loads(path.read_text())["cells"].items():
+            results["cells"].setdefault(key, cell)
+    atomic_write_bytes(path, lambda fh: fh.write(json.dumps(results, indent=2).encode()))
+    atomic_write_bytes(md_path, lambda fh: fh.write(summarise(results).encode()))
