@@ -51,18 +51,20 @@ from vitq.report import stage, versions  # noqa: E402
 from sweep import open_results, save_results  # noqa: E402  (benchmarks/, the script's own folder)
 
 # base: the aiqvit preset with its three components off and the activation scales learned
-BASE = {"aiq_dfq": False, "aiq_lrc": False, "aiq_curriculum": False, "learn_act_scales": True}
+# (overrides as get_recipe takes them: top-level fields, nested configs as dicts of their fields)
+LEARN_SCALES = {"reconstruction": {"learn_act_scales": True}}
+BASE = {"softmax_quantizer": "uniform", "aiq": {"lrc": False, "curriculum": False}, **LEARN_SCALES}
 VARIANTS: dict[str, tuple[str, dict]] = {
     "base": ("aiqvit", BASE),
-    "base + LRC fixed r=20": ("aiqvit", {**BASE, "aiq_lrc": True, "aiq_rank_policy": "fixed"}),
-    "base + LRC searched": ("aiqvit", {**BASE, "aiq_lrc": True}),
-    "base + DFQ": ("aiqvit", {**BASE, "aiq_dfq": True}),
-    "base + curriculum": ("aiqvit", {**BASE, "aiq_curriculum": True}),
-    "base + all three": ("aiqvit", {"learn_act_scales": True}),
+    "base + LRC fixed r=20": ("aiqvit", {**BASE, "aiq": {"curriculum": False, "rank_policy": "fixed"}}),
+    "base + LRC searched": ("aiqvit", {**BASE, "aiq": {"curriculum": False}}),
+    "base + DFQ": ("aiqvit", {**BASE, "softmax_quantizer": "dfq"}),
+    "base + curriculum": ("aiqvit", {**BASE, "aiq": {"lrc": False}}),
+    "base + all three": ("aiqvit", LEARN_SCALES),
     "aiqvit": ("aiqvit", {}),
     "fimaq+dfq": ("fimaq+dfq", {}),
     # fimaq's own post-softmax quantizer is per head; this separates DFQ's interval from its granularity
-    "fimaq+dfq per head": ("fimaq+dfq", {"dfq_granularity": "head"}),
+    "fimaq+dfq per head": ("fimaq+dfq", {"softmax_options": {"granularity": "head"}}),
     "fimaq+lrc": ("fimaq+lrc", {}),
     "fimaq+aiq": ("fimaq+aiq", {}),
 }
@@ -93,22 +95,25 @@ def cell_key(c: dict) -> str:
 
 def cell_recipe(c: dict, search_iters: int) -> vitq.Recipe:
     name, overrides = VARIANTS[c["variant"]]
+    overrides = dict(overrides)
+    recon = {"iters": c["iters"], **overrides.pop("reconstruction", {})}
     # fimaq+dfq has no AIQViT stage (DFQ is a quantizer choice), so no rank search to size
-    search = {"aiq_search_iters": search_iters} if vitq.get_recipe(name).aiq is not None else {}
-    return vitq.get_recipe(name, w_bits=c["bits"], a_bits=c["bits"], seed=c["seed"], iters=c["iters"],
-                           **search, **overrides)
+    aiq = overrides.pop("aiq", {})
+    if vitq.get_recipe(name).aiq is not None:
+        aiq = {"search_iters": search_iters, **aiq}
+    return vitq.get_recipe(name, w_bits=c["bits"], a_bits=c["bits"], seed=c["seed"], reconstruction=recon,
+                           aiq=aiq or None, **overrides)
 
 
 def run_cell(c: dict, recipe: vitq.Recipe, fp_model, loader, work: Path) -> dict:
     model = copy.deepcopy(fp_model)
     images = vitq.calibration_images(fp_model, "cifar10", images_needed(recipe), seed=c["seed"])
     stages: dict = {}
-    report: dict = {}
     safe = cell_key(c).replace("|", "_").replace(" ", "").replace("+", "plus").replace("=", "")
     with stage(stages, "quantize"):
-        vitq.quantize(model, images, recipe, device="cpu", progress=False, work_dir=work / safe, report=report)
+        result = vitq.quantize_with_summary(model, images, recipe, device="cpu", progress=False, work_dir=work / safe)
     res = evaluate(model, loader, progress=False)
-    blocks = report["reconstruction"]["blocks"]
+    blocks = result.reconstruction["blocks"]
     ranks = {k: v for b in blocks for k, v in b.get("lrc_ranks", {}).items()}
     return {**c, "recipe": recipe.name, "top1": res["top1"], "top5": res["top5"],
             "seconds": stages["quantize"]["seconds"], "peak_mem_mb": stages["quantize"]["peak_mem_mb"],
@@ -119,9 +124,9 @@ def run_cell(c: dict, recipe: vitq.Recipe, fp_model, loader, work: Path) -> dict
 @torch.no_grad()
 def lrc_overhead(fp_model, ranks: dict[str, int], repeats: int = 20) -> dict:
     """Side-branch overhead for ``ranks`` (layer -> rank): parameters, bits and FLOPs from
-    :func:`vitq.aiqvit.lowrank_overhead`, and the CPU latency of a batch of 64 with and without the
+    :func:`vitq.methods.aiqvit.lowrank_overhead`, and the CPU latency of a batch of 64 with and without the
     branches (fake-quantized W3A3 ``mse`` model; the ratio is what matters)."""
-    from vitq.aiqvit import attach_lowrank, lowrank_overhead
+    from vitq.methods.aiqvit import attach_lowrank, lowrank_overhead
 
     model = copy.deepcopy(fp_model)
     vitq.quantize(model, vitq.calibration_images(fp_model, "cifar10", 128, seed=0), "minmax", w_bits=3, a_bits=3,

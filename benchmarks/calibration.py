@@ -1,8 +1,9 @@
 """Calibration recipes on the reference model, and calibration cost at full size.
 
-Part 1: ``cifar10_vit`` at W8A8, W6A6, W4A4, W3A3 with each calibration recipe (128 calibration
-images from the training split, seed 0), top-1 on the 10,000 test images, with calibration time
-and peak memory. Part 2: timm ``deit_small_patch16_224`` (random weights; accuracy is
+Part 1: ``cifar10_vit`` at W8A8, W6A6, W4A4, W3A3 with each calibration recipe, each on 5
+calibration subsets (128 images from the training split, seeds 0..4), top-1 on the 10,000 test
+images as mean ± sd over the subsets, with calibration time and peak memory; and the ``mse``
+search's old subsampling on the same subsets (``--tag before``). Part 2: timm ``deit_small_patch16_224`` (random weights; accuracy is
 meaningless, only the cost is reported) calibrated on the 125 real ImageNet images of
 ``../shared/data/imagenet-sample-128.tar.gz`` at 224 px, next to the reference model's cost
 measured in the same run.
@@ -11,6 +12,7 @@ Reproduce:
 
     python benchmarks/calibration.py --out benchmarks            # both parts
     python benchmarks/calibration.py --skip-deit                  # part 1 only
+    python benchmarks/calibration.py --skip-deit --recipes mse --bits 4 3 --tag before
 
 Results go to ``calibration.json`` / ``calibration.md`` after every run (partial results survive
 a crash; an interrupted sweep resumes, skipping the cells already in the JSON).
@@ -22,6 +24,7 @@ import argparse
 import copy
 import io
 import json
+import statistics
 import sys
 import tarfile
 from pathlib import Path
@@ -37,6 +40,10 @@ from vitq.report import stage, versions  # noqa: E402
 
 RECIPES = ("minmax", "percentile", "repq", "mse")
 BITS = (8, 6, 4, 3)
+EVAL_BATCH = 100  # the CLI's default evaluation batch
+FORMAT = 2        # results file: one cell per (recipe, bits, calibration subset)
+# The mse search's subsampling before this version (kept to measure what the change bought)
+SEARCH_BEFORE = {"max_search_tokens": 2048, "max_search_samples": 16, "max_search_elements": None}
 
 
 def imagenet_sample(path: Path, model: torch.nn.Module) -> torch.Tensor:
@@ -53,22 +60,67 @@ def imagenet_sample(path: Path, model: torch.nn.Module) -> torch.Tensor:
     return torch.stack(images)
 
 
+def _cells(results: dict, recipe: str, bits: int, tag: str = "") -> list[dict]:
+    return [c for c in results["cells"].values()
+            if c["recipe"] == recipe and c["w_bits"] == bits and c.get("tag", "") == tag]
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.2f}" if values else "-"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
 def write_outputs(out: Path, results: dict) -> None:
     atomic_write_bytes(out / "calibration.json", lambda fh: fh.write(json.dumps(results, indent=2).encode()))
+    n_sub = results.get("subsets", 1)
     lines = ["# Calibration recipes", "",
-             "Command: `python benchmarks/calibration.py --out benchmarks`", "",
+             f"Command: `{results.get('command', 'python benchmarks/calibration.py')}`", "",
              f"Reference model `cifar10_vit`, FP top-1 **{results.get('fp_top1', float('nan')):.2f}%** "
-             f"on the 10,000 CIFAR-10 test images; 128 calibration images from the training split (seed 0); "
-             f"CPU, {results.get('threads', 2)} thread(s). Peak memory is the process's resident peak during calibration.", "",
-             "| recipe | " + " | ".join(f"W{b}A{b} top-1" for b in BITS) + " | " +
+             f"on the 10,000 CIFAR-10 test images. Each cell calibrates on 128 images drawn from the training "
+             f"split with seeds 0..{n_sub - 1} (one random subset per seed, the same subsets for every recipe) and "
+             f"reports top-1 as mean ± sample standard deviation over the subsets; `spread` is max - min. CPU, "
+             f"{results.get('threads', 1)} thread(s); seconds are the mean calibration time, peak memory the "
+             f"process's resident peak during calibration.", "",
+             "| recipe | " + " | ".join(f"W{b}A{b} top-1" for b in BITS) + " | W4A4 spread | W3A3 spread | " +
              " | ".join(f"W{b}A{b} calib s" for b in BITS) + " | peak MB (W4A4) |",
-             "|---|" + "---|" * (2 * len(BITS) + 1)]
+             "|---|" + "---|" * (2 * len(BITS) + 3)]
     for r in RECIPES:
-        cells = [results["cells"].get(f"{r}-w{b}a{b}") for b in BITS]
-        acc = " | ".join(f"{c['quant_top1']:.2f}" if c else "-" for c in cells)
-        sec = " | ".join(f"{c['calib_seconds']:.1f}" if c else "-" for c in cells)
-        w4 = results["cells"].get(f"{r}-w4a4")
-        lines.append(f"| {r} | {acc} | {sec} | {w4['calib_peak_mb']:.0f} |" if w4 else f"| {r} | {acc} | {sec} | - |")
+        acc, sec, spread = [], [], {}
+        for b in BITS:
+            cells = _cells(results, r, b)
+            tops = [c["quant_top1"] for c in cells]
+            acc.append(_mean_sd(tops))
+            sec.append(f"{statistics.mean(c['calib_seconds'] for c in cells):.1f}" if cells else "-")
+            spread[b] = f"{max(tops) - min(tops):.2f}" if len(tops) > 1 else "-"
+        w4 = _cells(results, r, 4)
+        peak = f"{max(c['calib_peak_mb'] for c in w4):.0f}" if w4 else "-"
+        lines.append(f"| {r} | {' | '.join(acc)} | {spread[4]} | {spread[3]} | {' | '.join(sec)} | {peak} |")
+    lines += ["", "Per subset (top-1):", "", "| recipe | bits | " + " | ".join(f"seed {s}" for s in range(n_sub)) + " |",
+              "|---|---|" + "---|" * n_sub]
+    for r in RECIPES:
+        for b in BITS:
+            by_seed = {c["seed"]: c["quant_top1"] for c in _cells(results, r, b)}
+            if by_seed:
+                lines.append(f"| {r} | W{b}A{b} | " + " | ".join(f"{by_seed[s]:.2f}" if s in by_seed else "-"
+                                                             for s in range(n_sub)) + " |")
+    before = {b: _cells(results, "mse", b, "before") for b in (4, 3)}
+    if any(before.values()):
+        lines += ["", "## Why the `mse` search now scores candidates on every calibration image", "",
+                  "Until this version the search scored activation candidates on a random 2,048 of the linear "
+                  "layers' input rows and matmul candidates on 16 of the 128 images (`max_search_tokens=2048`, "
+                  "`max_search_samples=16`); which rows and images were drawn decided the result. The same 5 "
+                  "subsets with that setting (tag `before` in the JSON) and with today's default:", "",
+                  "| setting | W4A4 mean ± sd | W4A4 spread | W3A3 mean ± sd | W3A3 spread | calib s (W4A4) |",
+                  "|---|---|---|---|---|---|"]
+        for tag, label in (("before", "16 images / 2,048 rows (before)"), ("", "every image and row (default)")):
+            row = [label]
+            for b in (4, 3):
+                tops = [c["quant_top1"] for c in _cells(results, "mse", b, tag)]
+                row += [_mean_sd(tops), f"{max(tops) - min(tops):.2f}" if len(tops) > 1 else "-"]
+            w4 = _cells(results, "mse", 4, tag)
+            row.append(f"{statistics.mean(c['calib_seconds'] for c in w4):.1f}" if w4 else "-")
+            lines.append("| " + " | ".join(row) + " |")
     deit = results.get("deit_small")
     if deit:
         lines += ["", "## Full size: calibration cost of `deit_small_patch16_224`", "",
@@ -92,9 +144,16 @@ def main() -> None:
                     default=Path(__file__).resolve().parents[2] / "shared/data/imagenet-sample-128.tar.gz")
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
     ap.add_argument("--bits", nargs="*", type=int, default=list(BITS))
+    ap.add_argument("--subsets", type=int, default=5, help="calibration subsets (seeds 0..N-1) per cell")
+    ap.add_argument("--tag", choices=("", "before"), default="",
+                    help="'before': the mse search's old subsampling (16 images / 2,048 rows), for the comparison")
     args = ap.parse_args()
     out_json = args.out / "calibration.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {"cells": {}}
+    if results.get("format") != FORMAT:  # cells of the single-subset format are not comparable
+        results = {"format": FORMAT, "cells": {}}
+    results["command"] = ("python benchmarks/calibration.py --out benchmarks && python benchmarks/calibration.py "
+                          "--skip-deit --recipes mse --bits 4 3 --tag before")
     results["versions"] = versions()
     if not (args.skip_cifar and args.skip_deit):  # timings are only comparable at one thread count
         results["threads"] = torch.get_num_threads()
@@ -102,25 +161,30 @@ def main() -> None:
 
     if not args.skip_cifar:
         fp_model = vitq.load_model("cifar10_vit")
-        loader = make_loader(build_dataset(spec, "eval", eval_transform(fp_model)), 250)
+        loader = make_loader(build_dataset(spec, "eval", eval_transform(fp_model)), EVAL_BATCH)
         if "fp_top1" not in results:
             results["fp_top1"] = evaluate(fp_model, loader, progress=False)["top1"]
-        calib = vitq.calibration_images(fp_model, "cifar10", 128, seed=0)
-        for bits in args.bits:
-            for recipe in args.recipes:
-                key = f"{recipe}-w{bits}a{bits}"
-                if key in results["cells"]:
-                    continue
-                model = copy.deepcopy(fp_model)
-                stages: dict = {}
-                with stage(stages, "calibrate"):
-                    vitq.quantize(model, calib, recipe, w_bits=bits, a_bits=bits, seed=0, device="cpu", progress=False)
-                res = evaluate(model, loader, progress=False)
-                results["cells"][key] = {"recipe": recipe, "w_bits": bits, "a_bits": bits, "quant_top1": res["top1"],
-                                         "quant_top5": res["top5"], "calib_seconds": stages["calibrate"]["seconds"],
-                                         "calib_peak_mb": stages["calibrate"]["peak_mem_mb"]}
-                print(f"{key}: {res['top1']:.2f}% (calibration {stages['calibrate']['seconds']:.1f}s)", flush=True)
-                write_outputs(args.out, results)
+        results["subsets"] = max(results.get("subsets", 1), args.subsets)
+        search = SEARCH_BEFORE if args.tag == "before" else {}
+        for seed in range(args.subsets):
+            calib = vitq.calibration_images(fp_model, "cifar10", 128, seed=seed)
+            for bits in args.bits:
+                for recipe in args.recipes:
+                    key = f"{recipe}-w{bits}a{bits}-s{seed}" + (f"-{args.tag}" if args.tag else "")
+                    if key in results["cells"]:
+                        continue
+                    model = copy.deepcopy(fp_model)
+                    stages: dict = {}
+                    with stage(stages, "calibrate"):
+                        vitq.quantize(model, calib, recipe, w_bits=bits, a_bits=bits, seed=seed, device="cpu",
+                                      progress=False, calibration=search or None)
+                    res = evaluate(model, loader, progress=False)
+                    results["cells"][key] = {"recipe": recipe, "w_bits": bits, "a_bits": bits, "seed": seed,
+                                             "tag": args.tag, "quant_top1": res["top1"], "quant_top5": res["top5"],
+                                             "calib_seconds": stages["calibrate"]["seconds"],
+                                             "calib_peak_mb": stages["calibrate"]["peak_mem_mb"]}
+                    print(f"{key}: {res['top1']:.2f}% (calibration {stages['calibrate']['seconds']:.1f}s)", flush=True)
+                    write_outputs(args.out, results)
 
     if not args.skip_deit:
         import timm

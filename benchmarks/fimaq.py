@@ -36,11 +36,19 @@ import vitq  # noqa: E402
 from vitq.data import build_dataset, make_loader, resolve_data  # noqa: E402
 from vitq.evaluation import evaluate  # noqa: E402
 from vitq.models import eval_transform  # noqa: E402
-from vitq.report import stage, versions  # noqa: E402
+from vitq.api import images_needed  # noqa: E402
+from vitq.report import versions  # noqa: E402
 from sweep import open_results, save_results  # noqa: E402  (benchmarks/, the script's own folder)
 
 CALIB_ONLY = ("mse", "repq")
-RECON = ("brecq", "qdrop", "fimaq-diag", "fimaq-lowrank", "fimaq")
+RECON = ("brecq", "qdrop", "fimaq-diag", "fimaq-lowrank", "fimaq-dplr-lowrank", "fimaq")
+EVAL_BATCH = 100  # the CLI's default evaluation batch
+# The mse calibration search's data: today's default, or the subsampling the cells before the
+# redesign were measured with ('before': 16 images / 2,048 rows, see benchmarks/calibration.md)
+CALIB_SEARCH = {"": {}, "before": {"max_search_tokens": 2048, "max_search_samples": 16, "max_search_elements": None}}
+# The W3A3 seed-0 cells the redesign must reproduce (issue 11), measured again with the old search
+REPRODUCE = ("mse", "qdrop", "fimaq-diag", "fimaq")
+SCHEMA = 2  # cells measured with today's loss names (before: 'fimaq-lowrank' meant 'fimaq-dplr-lowrank')
 
 
 def cells(groups: list[str], iters: int) -> list[dict]:
@@ -64,7 +72,11 @@ def cells(groups: list[str], iters: int) -> list[dict]:
         for k in (1, 15):
             out.append(dict(group="rank", recipe="fimaq", bits=3, seed=0, iters=iters, rank=k))
     if "form" in groups:
-        out.append(dict(group="form", recipe="fimaq", bits=3, seed=0, iters=iters, lowrank_form="identity"))
+        for form in ("identity", "paper_rms", "secant"):
+            out.append(dict(group="form", recipe="fimaq", bits=3, seed=0, iters=iters, lowrank_form=form))
+    if "reproduce" in groups:
+        for r in REPRODUCE:
+            out.append(dict(group="reproduce", recipe=r, bits=3, seed=0, iters=iters, calib_search="before"))
     if "iters" in groups:
         for n in (250, 1000, 2000):
             for r in ("qdrop", "fimaq"):
@@ -74,66 +86,30 @@ def cells(groups: list[str], iters: int) -> list[dict]:
 
 def cell_key(c: dict) -> str:
     extra = "".join(f"-{k}{c[k]}" for k in ("rank", "lowrank_form") if k in c)
+    if c.get("calib_search"):
+        extra += f"-cs{c['calib_search']}"
     return f"{c['recipe']}-w{c['bits']}a{c['bits']}-s{c['seed']}-i{c['iters']}{extra}"
 
 
-_CALIBRATED: dict[tuple[int, int], tuple] = {}
-
-
-def calibrated(fp_model, bits: int, seed: int, pool_size: int):
-    """The ``mse``-calibrated model and its image pool for (bits, seed), computed once.
-
-    Every reconstruction recipe starts from the same calibration (FIMA-Q's ``mse`` stage), so
-    the sweep calibrates once per (bits, seed) and reconstructs from a copy; the calibration
-    seconds are added to each cell's time so the cells stay comparable to a standalone run.
-    """
-    key = (bits, seed)
-    if key not in _CALIBRATED:
-        recipe = vitq.get_recipe("mse", w_bits=bits, a_bits=bits, seed=seed)
-        pool = vitq.calibration_images(fp_model, "cifar10", pool_size, seed=seed)
-        calib = pool[torch.from_numpy(vitq.data.fixed_subset(len(pool), recipe.calib_size, seed))]
-        model = copy.deepcopy(fp_model)
-        stages: dict = {}
-        with stage(stages, "calibrate"):
-            vitq.quantize(model, calib, recipe, device="cpu", progress=False)
-        _CALIBRATED[key] = (model, pool, stages["calibrate"])
-    return _CALIBRATED[key]
-
-
 def run_cell(c: dict, fp_model, loader, work: Path) -> dict:
-    from vitq.reconstruction import reconstruct
-
-    overrides = {"w_bits": c["bits"], "a_bits": c["bits"], "seed": c["seed"]}
-    recipe = vitq.get_recipe(c["recipe"])
+    """One cell through exactly the path ``vitq quantize`` takes (the same images, calibration,
+    reconstruction and evaluation batch), so the CLI reproduces every number here."""
+    recipe = vitq.get_recipe(c["recipe"], w_bits=c["bits"], a_bits=c["bits"], seed=c["seed"],
+                             calibration=CALIB_SEARCH[c.get("calib_search", "")] or None)
     if recipe.reconstruction is not None:
-        overrides["iters"] = c["iters"]
-        for k in ("rank", "lowrank_form"):
-            if k in c:
-                overrides[k] = c[k]
-    recipe = vitq.get_recipe(recipe, **overrides)
-    stages: dict = {}
-    blocks: list = []
-    if recipe.reconstruction is None:
-        model = copy.deepcopy(fp_model)
-        images = vitq.calibration_images(fp_model, "cifar10", recipe.calib_size, seed=c["seed"])
-        with stage(stages, "quantize"):
-            vitq.quantize(model, images, recipe, device="cpu", progress=False)
-        seconds, peak = stages["quantize"]["seconds"], stages["quantize"]["peak_mem_mb"]
-    else:
-        # the shared calibration is only valid while every reconstruction recipe calibrates like "mse"
-        assert recipe.calibration == vitq.get_recipe("mse", seed=c["seed"]).calibration
-        base, pool, calib_stage = calibrated(fp_model, c["bits"], c["seed"], recipe.reconstruction.optim_size)
-        model = copy.deepcopy(base)
-        with stage(stages, "reconstruct"):
-            out = reconstruct(model, pool, recipe.reconstruction, "cpu", seed=c["seed"], progress=False,
-                              work_dir=work / cell_key(c), resume_key={"recipe": recipe.to_dict()})
-        blocks = out["blocks"]
-        # the engine's per-block seconds, so a cell resumed after a stop still reports its full cost
-        seconds = calib_stage["seconds"] + out["seconds"]
-        peak = max(calib_stage["peak_mem_mb"], stages["reconstruct"]["peak_mem_mb"])
+        recon = {"iters": c["iters"], **{k: c[k] for k in ("rank", "lowrank_form") if k in c}}
+        recipe = vitq.get_recipe(recipe, reconstruction=recon)
+    model = copy.deepcopy(fp_model)
+    pool = vitq.calibration_images(fp_model, "cifar10", images_needed(recipe), seed=c["seed"])
+    result = vitq.quantize_with_summary(model, pool, recipe, device="cpu", progress=False,
+                                        work_dir=work / cell_key(c) if recipe.reconstruction is not None else None)
+    blocks = result.reconstruction["blocks"] if result.reconstruction else []
+    # the engine's per-block seconds, so a cell resumed after a stop still reports its full cost
+    seconds = result.stages["calibration"]["seconds"] + sum(b["seconds"] for b in blocks)
+    peak = max(s["peak_mem_mb"] for s in result.stages.values())
     res = evaluate(model, loader, progress=False)
     return {**c, "top1": res["top1"], "top5": res["top5"], "seconds": seconds, "peak_mem_mb": peak,
-            "block_seconds": {b["block"]: b["seconds"] for b in blocks}}
+            "block_seconds": {b["block"]: b["seconds"] for b in blocks}, "schema": SCHEMA}
 
 
 def deit_block_cost(sample: Path, iters: int = 20) -> dict:
@@ -198,7 +174,9 @@ def summarise(results: dict) -> str:
             lines.append(f"| {r} | {statistics.mean(accs):.2f} | {sd} | {len(accs)} |")
     lines += ["", "## fimaq W3A3: rank k and low-rank form", "", "| setting | top-1 | seconds |", "|---|---|---|"]
     for label, extra in (("k=1", {"rank": 1}), ("k=5 (default)", {}), ("k=15", {"rank": 15}),
-                         ("identity form (paper-era)", {"lowrank_form": "identity"})):
+                         ("form identity: M = I", {"lowrank_form": "identity"}),
+                         ("form paper_rms: M = I, RMS-normalised snapshots (paper-era code)", {"lowrank_form": "paper_rms"}),
+                         ("form secant: M = (G Dᵀ)⁻¹", {"lowrank_form": "secant"})):
         c = rows.get(cell_key(dict(recipe="fimaq", bits=3, seed=0, iters=results["iters"], **extra)))
         if c:
             lines.append(f"| {label} | {c['top1']:.2f} | {c['seconds']:.0f} |")
@@ -207,6 +185,20 @@ def summarise(results: dict) -> str:
         cs = [rows.get(cell_key(dict(recipe=r, bits=3, seed=0, iters=n))) for r in ("qdrop", "fimaq")]
         if any(cs):
             lines.append(f"| {n} | " + " | ".join(f"{c['top1']:.2f}" if c else "-" for c in cs) + " |")
+    pairs = [(cell_key(dict(recipe=r, bits=3, seed=0, iters=results["iters"])),
+              cell_key(dict(recipe=r, bits=3, seed=0, iters=results["iters"], calib_search="before")))
+             for r in REPRODUCE]
+    pairs = [(old, new) for old, new in pairs if new in rows]
+    if pairs:
+        lines += ["", "## Measured again after the core redesign (issue 11)", "",
+                  "The W3A3 seed-0 cells above were measured before the redesign (one quantizer interface, AIQViT "
+                  "as a plug-in, the adapter registry, one code path for the CLI and the benchmarks). The same "
+                  "cells through today's code, with the mse search on the data it used then (16 images / 2,048 "
+                  "rows; group `reproduce`):", "",
+                  "| cell | before the redesign | after | difference |", "|---|---|---|---|"]
+        for old, new in pairs:
+            b = rows.get(old) or results.get("before_redesign", {}).get(old)
+            lines.append(f"| {old} | {b['top1']:.2f} | {rows[new]['top1']:.2f} | {rows[new]['top1'] - b['top1']:+.2f} |")
     deit = results.get("deit")
     if deit:
         lines += ["", "## Cost of one DeiT-S block at 224 px (this CPU)", "",
@@ -215,7 +207,7 @@ def summarise(results: dict) -> str:
                   f"{deit['seconds_per_snapshot_125_images']:.1f} s per Fisher snapshot pass over {deit['images']} "
                   f"images. Projected cost of the paper's recipe (14 blocks x 20,000 iterations, k=5 over 1024 images) "
                   f"on this CPU: **{deit['projected_hours_full_recipe']:.0f} hours**; on a GPU see benchmarks/imagenet.md."]
-    missing = [cell_key(c) for c in cells(["main", "seeds", "rank", "form", "iters"], results["iters"])
+    missing = [cell_key(c) for c in cells(["main", "seeds", "rank", "form", "reproduce", "iters"], results["iters"])
                if cell_key(c) not in rows]
     if missing or not deit:
         lines += ["", "## Not measured yet", "",
@@ -233,21 +225,38 @@ def main() -> None:
     ap.add_argument("--groups", nargs="*", default=["main", "seeds", "rank", "form", "iters", "deit"])
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     ap.add_argument("--work", type=Path, default=Path("runs/bench_fimaq"))
+    ap.add_argument("--remeasure", nargs="*", default=[],
+                    help="cell keys to measure again; their old numbers move to 'before_redesign' in the JSON")
     ap.add_argument("--imagenet-sample", type=Path,
                     default=Path(__file__).resolve().parents[2] / "shared/data/imagenet-sample-128.tar.gz")
     args = ap.parse_args()
     out_json = args.out / "fimaq.json"
-    results, groups = open_results(out_json, ("main", "seeds", "rank", "form", "iters", "deit"), args.groups)
+    results, groups = open_results(out_json, ("main", "seeds", "rank", "form", "reproduce", "iters", "deit"),
+                                   args.groups)
     results.update(iters=args.iters, versions=versions(),
                    command="python benchmarks/fimaq.py --iters {} --groups {}".format(args.iters, " ".join(groups)))
 
     def save() -> None:
         save_results(out_json, results, args.out / "fimaq.md", summarise)
 
+    # the loss names changed meaning in the redesign (vitq.reconstruction.config.LOSSES): the old
+    # 'fimaq-lowrank' cells computed what is now 'fimaq-dplr-lowrank'; the old identity form
+    # rescaled the diagonal too, so it matches no form of today and is kept only as history
+    old = [k for k, c in results["cells"].items() if c.get("schema") != SCHEMA]
+    for key in [k for k in old if k.startswith("fimaq-lowrank-")]:
+        cell = results["cells"].pop(key)
+        new_key = "fimaq-dplr-lowrank-" + key[len("fimaq-lowrank-"):]
+        results["cells"][new_key] = {**cell, "recipe": "fimaq-dplr-lowrank", "renamed_from": key}
+    for key in [k for k in old if k.endswith("-lowrank_formidentity")]:
+        results.setdefault("before_redesign", {})[key] = results["cells"].pop(key)
+    for key in args.remeasure:
+        if key in results["cells"]:
+            results.setdefault("before_redesign", {})[key] = results["cells"].pop(key)
+
     todo = [c for c in cells(args.groups, args.iters) if cell_key(c) not in results["cells"]]
     if todo:
         fp_model = vitq.load_model("cifar10_vit")
-        loader = make_loader(build_dataset(resolve_data("cifar10"), "eval", eval_transform(fp_model)), 250)
+        loader = make_loader(build_dataset(resolve_data("cifar10"), "eval", eval_transform(fp_model)), EVAL_BATCH)
         if "fp_top1" not in results:
             results["fp_top1"] = evaluate(fp_model, loader, progress=False)["top1"]
         for i, c in enumerate(todo):

@@ -11,18 +11,30 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from timm.models.vision_transformer import VisionTransformer
 
+from conftest import minmax_calibrate, rel_err
 from vitq.adapters import (
+    DistilledHeads,
+    ModelAdapter,
     QuantAttention,
     QuantSpec,
     QuantWindowAttention,
+    adapter_for,
+    architecture_of,
+    block_input_source,
+    build_model,
+    is_head_block,
     layer_role,
     prepare,
+    prepare_for_state_dict,
     prev_layernorm,
     reconstruction_blocks,
+    register_adapter,
 )
+from vitq.adapters import registry as adapter_registry
+from vitq.adapters.vit import VitAdapter
 from vitq.errors import VitqError
 from vitq.qmodules import QuantConv2d, QuantLinear, QuantMode, iter_quantizers, quant_modules, set_mode
-from vitq.quantizers import LogQuantizer, UniformQuantizer
+from vitq.quantizers import SOFTMAX_QUANTIZERS, LogQuantizer, UniformQuantizer
 
 VIT_KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
 SWIN_KW = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
@@ -54,18 +66,6 @@ def _swin(fused: bool = False) -> SwinTransformer:
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-
-
-def _minmax_calibrate(model: nn.Module, x: torch.Tensor) -> None:
-    set_mode(model, QuantMode.OBSERVE)
-    model(x)
-    for _, q in iter_quantizers(model):
-        q.init_from_minmax()
-    set_mode(model, QuantMode.QUANT)
-
-
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y - ref).norm() / ref.norm())
 
 
 BUILDERS = {
@@ -154,8 +154,8 @@ def test_minmax_quant_error_8bit_vs_2bit(arch: str, images: torch.Tensor) -> Non
         model = BUILDERS[arch]()
         ref = model(images)
         prepare(model, QuantSpec(w_bits=bits, a_bits=bits))
-        _minmax_calibrate(model, images)
-        errs[bits] = _rel_err(model(images), ref)
+        minmax_calibrate(model, images)
+        errs[bits] = rel_err(model(images), ref)
     assert errs[8] < 0.05, errs
     assert errs[2] > 0.3 and errs[2] > 10 * errs[8], errs
 
@@ -163,7 +163,7 @@ def test_minmax_quant_error_8bit_vs_2bit(arch: str, images: torch.Tensor) -> Non
 @torch.no_grad()
 def test_prepared_state_dict_round_trip(images: torch.Tensor) -> None:
     model = prepare(_vit(False), QuantSpec(w_bits=4, a_bits=4, act_granularity="token"))
-    _minmax_calibrate(model, images)
+    minmax_calibrate(model, images)
     assert model.blocks[0].mlp.fc2.a_quantizer.scale.shape == (1, 17, 1)  # 16 patches + cls
     sd = model.state_dict()
     fresh = prepare(_vit(False), QuantSpec(w_bits=4, a_bits=4, act_granularity="token"))
@@ -177,7 +177,8 @@ def test_spec_validation_and_unsupported_models() -> None:
         QuantSpec(w_bits=9)
     with pytest.raises(VitqError, match="softmax_quantizer"):
         QuantSpec(softmax_quantizer="log3")
-    with pytest.raises(VitqError, match="model Sequential has no timm ViT/DeiT/Swin blocks vitq can quantize"):
+    with pytest.raises(VitqError, match=r"^model Sequential is not a model family vitq can quantize; supported: "
+                                        r"timm VisionTransformer .*, timm SwinTransformer, timm Eva"):
         prepare(nn.Sequential(nn.Linear(4, 4)))
     model = prepare(_vit())
     with pytest.raises(VitqError, match="already prepared"):
@@ -196,7 +197,7 @@ def test_block_gradients_reach_activation_scales(images: torch.Tensor) -> None:
     model = prepare(_vit(False), QuantSpec(w_bits=4, a_bits=4, quant_image_input=True))
     assert isinstance(model.patch_embed.proj.a_quantizer, UniformQuantizer)
     with torch.no_grad():
-        _minmax_calibrate(model, images)
+        minmax_calibrate(model, images)
     block = dict(reconstruction_blocks(model))["blocks.0"]
     act_qs = [q for n, q in iter_quantizers(block) if not n.endswith("w_quantizer")]
     assert len(act_qs) == 8  # qkv, proj, fc1, fc2 inputs + both operands of both matmuls
@@ -206,3 +207,105 @@ def test_block_gradients_reach_activation_scales(images: torch.Tensor) -> None:
     block.train()
     block(torch.randn(2, 17, 48)).pow(2).sum().backward()
     assert all(q.scale.grad is not None and q.scale.grad.abs().sum() > 0 for q in act_qs)
+
+
+# --------------------------------------------------------------------------- registry and new API
+
+def test_adapter_lookup_follows_the_mro(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert adapter_for(_vit()).family == "vit"
+    assert adapter_for(_deit()).family == "deit_distilled"  # nearest registered class wins
+    assert adapter_for(_swin()).family == "swin"
+    monkeypatch.setattr(adapter_registry, "_ADAPTERS", dict(adapter_registry._ADAPTERS))
+
+    class MyViT(VisionTransformer):
+        pass
+
+    class MyViTChild(MyViT):
+        pass
+
+    @register_adapter(MyViT)
+    class MyAdapter(VitAdapter):
+        family = "my_vit"
+        description = "my ViT"
+
+    adapter = adapter_for(MyViTChild(**VIT_KW))
+    assert isinstance(adapter, MyAdapter) and adapter.model_cls is MyViT
+    instance = register_adapter(MyViTChild, VitAdapter())
+    assert isinstance(instance, ModelAdapter) and adapter_for(MyViTChild(**VIT_KW)) is instance
+    with pytest.raises(VitqError, match="supported: .*my ViT"):
+        adapter_for(nn.Linear(2, 2))
+
+
+def test_block_input_source_and_head_blocks() -> None:
+    vit = prepare(_vit())
+    blk = vit.blocks[1]
+    assert block_input_source(vit, "blocks.1", blk) == (blk, False)
+    assert is_head_block(vit, "head") and not is_head_block(vit, "blocks.1")
+    deit = prepare(_deit())
+    name, heads = reconstruction_blocks(deit)[-1]
+    assert isinstance(heads, DistilledHeads)
+    assert block_input_source(deit, name, heads) == (deit.norm, True)
+    assert is_head_block(deit, "head+head_dist") and not is_head_block(deit, "head")
+    swin = prepare(_swin())
+    assert block_input_source(swin, "layers.1.downsample", swin.layers[1].downsample) == \
+        (swin.layers[1].downsample, False)
+    assert is_head_block(swin, "head")
+    headless = VisionTransformer(**{**VIT_KW, "num_classes": 0})
+    assert [n for n, _ in reconstruction_blocks(headless)][-1] == "blocks.1" and not is_head_block(headless, "head")
+
+
+def test_architecture_round_trip() -> None:
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10)
+    arch = architecture_of(model)
+    assert arch == {"timm_name": "vit_tiny_patch16_224", "arch_kwargs": {"num_classes": 10, "img_size": (32, 32)}}
+    rebuilt = build_model(arch)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    vit = _vit()
+    vit.pretrained_cfg = {"vitq_arch_kwargs": dict(VIT_KW)}
+    assert architecture_of(vit) == {"arch_kwargs": VIT_KW}
+    assert type(build_model(architecture_of(vit))) is VisionTransformer
+    assert type(build_model({"family": "swin", "arch_kwargs": SWIN_KW})) is SwinTransformer
+    with pytest.raises(VitqError, match="no pretrained_cfg"):
+        architecture_of(nn.Linear(2, 2))
+    with pytest.raises(VitqError, match="unknown model family 'resnet'"):
+        build_model({"family": "resnet", "arch_kwargs": {}})
+    with pytest.raises(VitqError, match="unknown timm model"):
+        build_model({"timm_name": "no_such_model_xyz"})
+
+
+@torch.no_grad()
+def test_prepare_for_state_dict_recreates_folded_biases(images: torch.Tensor) -> None:
+    model = prepare(_swin(), QuantSpec(w_bits=4, a_bits=4))
+    red = model.layers[1].downsample.reduction
+    assert red.bias is None
+    red.bias = nn.Parameter(torch.randn(red.out_features))  # what the RepQ fold does
+    minmax_calibrate(model, images)
+    state = model.state_dict()
+    fresh = prepare(_swin(), QuantSpec(w_bits=4, a_bits=4))
+    with pytest.raises(RuntimeError, match="reduction.bias"):
+        fresh.load_state_dict(state)
+    prepare_for_state_dict(fresh, {**state, "layers.1.downsample.reduction.side.up.bias": torch.zeros(3)})
+    fresh.load_state_dict(state)
+    set_mode(fresh, "quant")
+    assert torch.equal(fresh(images), model(images))
+
+
+def test_softmax_quantizer_comes_from_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake(bits: int, granularity: str, num_heads: int, options: dict) -> UniformQuantizer:
+        calls.append((bits, granularity, num_heads, options))
+        return UniformQuantizer(bits)
+
+    monkeypatch.setitem(SOFTMAX_QUANTIZERS, "fake", fake)
+    spec = QuantSpec(w_bits=4, a_bits=6, softmax_quantizer="fake", softmax_options={"below": "zero"},
+                     matmul_granularity="tensor")
+    model = prepare(_vit(), spec)
+    assert calls == [(6, "tensor", 3, {"below": "zero"})] * 2
+    assert model.blocks[0].attn.matmul2.a_quantizer.granularity == "tensor"
+    with pytest.raises(VitqError, match="softmax_quantizer must be one of .*fake.*got 'dfq2'"):
+        QuantSpec(softmax_quantizer="dfq2")
+    with pytest.raises(VitqError, match="softmax_options must be a dict"):
+        QuantSpec(softmax_options=[("a", 1)])

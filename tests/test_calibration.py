@@ -4,9 +4,8 @@ import copy
 
 import pytest
 import torch
-from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import VisionTransformer
 
+import conftest
 import vitq
 from vitq.adapters import QuantSpec, prepare
 from vitq.calibration import _grid, fake_quant, reparam_layernorm
@@ -15,11 +14,8 @@ from vitq.qmodules import QuantMode, set_mode
 
 
 def tiny_vit(seed=0):
-    torch.manual_seed(seed)
-    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10).eval()
-    m.pretrained_cfg = {"vitq_arch_kwargs": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
-                                                 num_classes=10), "mean": (0.5,) * 3, "std": (0.5,) * 3,
-                        "input_size": (3, 32, 32)}
+    m = conftest.tiny_vit(seed)
+    m.pretrained_cfg.update({"mean": (0.5,) * 3, "std": (0.5,) * 3, "input_size": (3, 32, 32)})
     # non-trivial LayerNorm affines, so the fold has something to move
     for mod in m.modules():
         if isinstance(mod, torch.nn.LayerNorm):
@@ -28,10 +24,7 @@ def tiny_vit(seed=0):
     return m
 
 
-def tiny_swin():
-    torch.manual_seed(0)
-    return SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
-                           num_classes=10).eval()
+tiny_swin = conftest.tiny_swin
 
 
 def rel_err(a, b):
@@ -97,7 +90,7 @@ def test_lower_bits_are_worse(images):
     fp = tiny_vit()
     ref = fp(images)
     e = [rel_err(vitq.quantize(copy.deepcopy(fp), images, "mse", w_bits=b, a_bits=b, calib_size=32, progress=False,
-                               device="cpu", eq_n=32)(images), ref) for b in (8, 4, 3)]
+                               device="cpu", calibration={"eq_n": 32})(images), ref) for b in (8, 4, 3)]
     assert e[0] < e[1] < e[2]
 
 
@@ -114,7 +107,7 @@ def test_six_bit_zero_points_follow_the_data():
 def test_token_wise_scales_and_save_load_round_trip(images, tmp_path):
     fp = tiny_vit()
     q = vitq.quantize(copy.deepcopy(fp), images, "mse", w_bits=4, a_bits=4, calib_size=16, progress=False,
-                      device="cpu", eq_n=16)
+                      device="cpu", calibration={"eq_n": 16})
     assert tuple(q.blocks[0].attn.qkv.a_quantizer.scale.shape) == (1, 17, 1)      # per token
     assert tuple(q.blocks[0].attn.matmul1.a_quantizer.scale.shape) == (1, 3, 17, 1)  # per head and query
     assert tuple(q.blocks[0].attn.matmul2.b_quantizer.scale.shape) == (1, 3, 1, 16)  # per head-dim channel
@@ -129,12 +122,12 @@ def test_swin_and_fold_of_bias_free_reduction(tmp_path):
     fp = tiny_swin()
     x = torch.randn(8, 3, 32, 32)
     q = vitq.quantize(copy.deepcopy(fp), x, "mse", w_bits=8, a_bits=8, calib_size=8, progress=False, device="cpu",
-                      eq_n=16)
+                      calibration={"eq_n": 16})
     assert "layers.1.downsample.reduction" in q.vitq_config["folded_layers"]
     assert rel_err(q(x), fp(x)) < 0.1
     out = q(x)
-    vitq.save_quantized(q, tmp_path / "swin", architecture={"timm_name": "swin_tiny_patch4_window7_224", "arch_kwargs": dict(
-        img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4), num_classes=10)})
+    vitq.save_quantized(q, tmp_path / "swin", architecture={"timm_name": "swin_tiny_patch4_window7_224",
+                                                            "arch_kwargs": conftest.TINY_SWIN})
     assert torch.equal(vitq.load_quantized(tmp_path / "swin")(x), out)
 
 
@@ -160,6 +153,7 @@ def test_bad_arguments(kwargs, needle):
 
 def test_calibration_is_deterministic(images):
     fp = tiny_vit()
-    a = vitq.quantize(copy.deepcopy(fp), images, "mse", calib_size=16, seed=3, progress=False, device="cpu", eq_n=16)
-    b = vitq.quantize(copy.deepcopy(fp), images, "mse", calib_size=16, seed=3, progress=False, device="cpu", eq_n=16)
+    kw = dict(calib_size=16, seed=3, progress=False, device="cpu", calibration={"eq_n": 16})
+    a = vitq.quantize(copy.deepcopy(fp), images, "mse", **kw)
+    b = vitq.quantize(copy.deepcopy(fp), images, "mse", **kw)
     assert torch.equal(a(images), b(images))

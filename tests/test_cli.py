@@ -1,10 +1,14 @@
 """The CLI end to end, in-process (``vitq.cli.main``) and once as a real subprocess."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from vitq.cli import main
 from vitq.models import reference_asset_dir
@@ -81,3 +85,104 @@ def test_console_script_runs_as_subprocess(tiny_vit_dir, colour_tree, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "vitq.cli", "eval", "--model", "nope_model", "--data", "cifar10"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+# ----------------------------------------------------------------------------- quantize / demo as subprocesses
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count in every process: identical numbers
+
+
+def _vitq(*argv, timeout=300):
+    return subprocess.run([sys.executable, "-m", "vitq.cli", *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+TINY_RECON = ["--w-bits", "4", "--a-bits", "4", "--calib-size", "8", "--optim-size", "12", "--eq-n", "8",
+              "--rank", "2", "--device", "cpu", "--quiet"]
+
+
+def test_quantize_subprocess_applies_the_override_flags(tiny_vit_dir, colour_tree, tmp_path):
+    out = tmp_path / "q"
+    proc = _vitq("quantize", "--model", tiny_vit_dir, "--data", colour_tree, "--recipe", "fimaq+dfq",
+                 "--dfq-granularity", "head", "--iters", "3", "--alpha", "0.25", "--out", out, *TINY_RECON)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    cfg = report["config"]
+    assert cfg["softmax_quantizer"] == "dfq" and cfg["softmax_options"] == {"granularity": "head"}
+    assert cfg["reconstruction"]["iters"] == 3 and cfg["reconstruction"]["alpha"] == 0.25
+    assert cfg["reconstruction"]["rank"] == 2 and cfg["calibration"]["eq_n"] == 8 and cfg["calib_size"] == 8
+    assert [b["block"] for b in report["reconstruction_blocks"]] == ["patch_embed", "blocks.0", "blocks.1", "head"]
+    assert {"fp_top1", "quant_top1"} <= set(report) and report["stages"]["quantize"]["peak_mem_mb"] > 0
+    # per-head DFQ: one interval per head of the tiny ViT (3 heads)
+    assert _tensors(out / "model")["blocks.0.attn.matmul2.a_quantizer.b1"].numel() == 3
+    # --no-dfq takes the recipe back to the uniform post-softmax quantizer
+    out2 = tmp_path / "q2"
+    proc = _vitq("quantize", "--model", tiny_vit_dir, "--data", colour_tree, "--recipe", "fimaq+dfq", "--no-dfq",
+                 "--iters", "2", "--out", out2, *TINY_RECON)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out2 / "report.json").read_text())["config"]["softmax_quantizer"] == "uniform"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--recipe", "fimaq+lrc", "--dfq-granularity", "head"], "--dfq-granularity"),
+    (["--recipe", "fimaq", "--lrc-mode", "side"], "no aiq stage"),
+    (["--recipe", "mse", "--iters", "5"], "no reconstruction stage"),
+    (["--recipe", "fimaq", "--w-bits", "9"], "between 2 and 8"),
+    (["--recipe", "nope"], "unknown recipe"),
+])
+def test_quantize_bad_flags_give_one_line(argv, needle, tiny_vit_dir, colour_tree, capsys):
+    code, _, err = _run(["quantize", "--model", str(tiny_vit_dir), "--data", str(colour_tree), *argv, "--quiet"],
+                        capsys)
+    lines = [l for l in err.strip().splitlines() if l]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+
+
+def test_demo_subprocess_on_a_tiny_model(tiny_vit_dir, colour_tree, tmp_path):
+    out = tmp_path / "demo"
+    proc = _vitq("demo", "--model", tiny_vit_dir, "--data", colour_tree, "--iters", "2", "--optim-size", "12",
+                 "--calib-size", "8", "--out", out, "--quiet", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["quant"]["images"] == 12 and report["config"]["reconstruction"]["iters"] == 2
+    assert {"fp_top1", "calibrated_top1", "quant_top1"} <= set(report)
+    assert "+ FIMA-Q reconstruction" in proc.stdout and (out / "model" / "model.safetensors").is_file()
+
+
+def test_kill_9_mid_block_then_the_same_command_resumes_to_the_uninterrupted_result(tiny_vit_dir, colour_tree,
+                                                                                   tmp_path):
+    args = ["quantize", "--model", tiny_vit_dir, "--data", colour_tree, "--recipe", "fimaq", "--iters", "150",
+            "--skip-fp-eval", *TINY_RECON]
+    full = tmp_path / "full"
+    assert _vitq(*args, "--out", full).returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "vitq.cli", *map(str, args), "--out", str(killed)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = killed / "reconstruction.json"
+    deadline = time.time() + 240
+    while not progress.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    done = json.loads(progress.read_text())["blocks"]
+    assert 1 <= len(done) < 4, "the run must die after its first block and before its last"
+    resumed = _vitq(*args, "--out", killed)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _tensors(full / "model"), _tensors(killed / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the same folder with another model (same architecture, perturbed weights) is refused
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_vit_dir, other)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(other / "model.safetensors"))
+    weights["blocks.0.mlp.fc1.weight"] += 0.01
+    save_file(weights, str(other / "model.safetensors"))
+    args_other = [a if a != tiny_vit_dir else other for a in args]
+    refused = _vitq(*args_other, "--out", killed)
+    lines = [l for l in refused.stderr.strip().splitlines() if l]
+    assert refused.returncode == 2 and len(lines) == 1 and "another model" in lines[0], refused.stderr

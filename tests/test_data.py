@@ -1,9 +1,10 @@
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from vitq.data import (CIFAR10_CLASSES, FolderImageDataset, cifar10_archive, fixed_subset, load_cifar10,
+from vitq.data import (CIFAR10_CLASSES, FolderImageDataset, atomic_write_bytes, cifar10_archive, fixed_subset, load_cifar10,
                        resolve_data, build_dataset)
 from vitq.errors import VitqError
 
@@ -97,10 +98,21 @@ def test_unreadable_image_names_the_file(colour_tree):
     broken = colour_tree / "val" / "red" / "zzz_broken.png"
     broken.write_bytes(b"this is not a png")
     ds = FolderImageDataset(colour_tree / "val")
-    idx = [i for i, (p, _) in enumerate(ds.samples) if p == broken][0]
+    idx = [i for i, (p, _) in enumerate(ds.samples) if Path(p) == broken][0]
     with pytest.raises(VitqError, match="zzz_broken.png"):
         ds[idx]
 
 
 def test_class_names_constant():
     assert CIFAR10_CLASSES[0] == "airplane" and len(CIFAR10_CLASSES) == 10
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "f.bin", lambda fh: fh.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644

@@ -226,3 +226,76 @@ def test_quant_linear_and_matmul_modes() -> None:
     mm.mode = QuantMode.QUANT
     assert torch.allclose(mm(a, b), mm.a_quantizer(a) @ b)
     assert mm.a_quantizer.scale.shape == (1, 3, 1, 1)
+
+
+# ----------------------------------------------------------------------------- the quantizer interface
+def _dequant(view, codes):
+    """Dequantize integer codes from an IntegerView the way an exporter would."""
+    if view.kind == "uniform":
+        return (codes.float() - view.zero_point) * view.scale
+    x = view.scale * torch.pow(2.0, -codes.float() / view.extra["k"])
+    return torch.where(codes >= view.qmax, torch.zeros_like(x), x)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: UniformQuantizer(4, granularity="channel", axis=0),
+    lambda: UniformQuantizer(3, symmetric=True, granularity="tensor"),
+    lambda: UniformQuantizer(6, granularity="token", axis=1),
+    lambda: LogQuantizer(4, base="sqrt2", granularity="head", axis=1),
+    lambda: LogQuantizer(3, base="2"),
+])
+def test_integer_view_and_codes_reproduce_the_fake_quantized_tensor(make):
+    torch.manual_seed(0)
+    q = make()
+    x = torch.rand(2, 3, 5, 4) if isinstance(q, LogQuantizer) else torch.randn(6, 5, 4)
+    if q.granularity == "channel":
+        x = torch.randn(6, 8)
+    q.observe(x)
+    q.init_from_minmax()
+    view, codes = q.integer_view(), q.codes(x)
+    assert codes.dtype == torch.int32 and view.qmin <= int(codes.min()) and int(codes.max()) <= view.qmax
+    assert torch.allclose(_dequant(view, codes), q(x), atol=1e-6)
+
+
+def test_adaround_is_a_quantizer_through_the_interface():
+    from vitq.quantizers import AdaRoundQuantizer
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 10) * 0.1
+    base = UniformQuantizer(4, granularity="channel", axis=0)
+    base.observe(w)
+    base.init_from_minmax()
+    ada = base.learned_rounding(w)
+    assert isinstance(ada, AdaRoundQuantizer) and list(ada.trainable_parameters()) == ["rounding"]
+    assert ada.round_loss(2.0) is not None and base.round_loss(2.0) is None
+    with torch.no_grad():
+        ada.alpha.add_(torch.randn_like(ada.alpha))  # some learned rounding
+    ada.freeze_()
+    assert not ada.soft and not ada.alpha.requires_grad
+    weight, plain = ada.fold_into(w)
+    assert plain is base and torch.equal(base(weight), weight)  # the folded weight sits on the grid
+    view = ada.integer_view()
+    assert torch.allclose(_dequant(view, ada.codes(w)), weight, atol=1e-6)
+    # inside the grid the input gets a straight-through gradient (merged low-rank compensation needs it)
+    w2 = w.clone().requires_grad_(True)
+    ada(w2).sum().backward()
+    assert w2.grad is not None and w2.grad.abs().sum() > 0
+
+
+def test_trainable_groups_projection_and_qdrop_switch():
+    q = UniformQuantizer(4)
+    q.set_params(torch.tensor([0.1]), torch.tensor([3.0]))
+    assert list(q.trainable_parameters()) == ["scale"]
+    with torch.no_grad():
+        q.scale.fill_(-1.0)  # a bad optimiser step
+    q.project_()
+    assert q.scale.item() > 0
+    lq = LogQuantizer(4)
+    lq.set_params(torch.tensor([1.0]))
+    assert lq.trainable_parameters() == {}  # see LogQuantizer.trainable_parameters: no useful gradient
+    q.train()
+    q.set_qdrop(0.0)  # keep probability 0: the input passes through unquantized
+    x = torch.randn(100)
+    assert torch.equal(q(x), x)
+    q.freeze_()
+    assert not q.training and q.drop_prob == 1.0 and not q.scale.requires_grad

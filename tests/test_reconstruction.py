@@ -1,79 +1,20 @@
-"""Block reconstruction: losses by hand, snapshot schedule, AdaRound, resume and determinism."""
+"""Block reconstruction: snapshot schedule and gradients, AdaRound, the engine, resume and determinism.
+
+(The losses themselves are checked against the official formulas in test_losses.py.)
+"""
 
 import copy
+import json
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 import vitq
-import vitq.reconstruction as recon
-from vitq.losses import (brecq_fisher_loss, fisher_diag_loss, fisher_lowrank_loss, kl_logits_loss, lowrank_metric,
-                         lp_loss, normalised)
-from vitq.quantizers import AdaRoundQuantizer, UniformQuantizer
+import vitq.reconstruction.engine as engine
+from conftest import tiny_swin, tiny_vit
+from vitq.qmodules import QuantMode, set_mode
+from vitq.quantizers import AdaRoundQuantizer, LogQuantizer, UniformQuantizer
 from vitq.reconstruction import ReconConfig, snapshot_iterations
-
-# ----------------------------------------------------------------------------- losses by hand
-P = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 1.0]])
-Y = torch.tensor([[0.0, 2.0, 5.0], [1.0, 1.0, 1.0]])
-D_ABS = (P - Y).abs()  # [[1, 0, 2], [1, 2, 0]]
-
-
-def test_lp_loss_sums_dim1_and_averages_the_rest():
-    # 2-D: sum over dim 1 then mean over the batch: ((1+0+4) + (1+4+0)) / 2 = 5
-    assert lp_loss(P, Y, 2.0).item() == pytest.approx(5.0)
-    assert lp_loss(P, Y, 1.0).item() == pytest.approx(3.0)
-
-
-def test_brecq_loss_is_squared_gradient_weighted():
-    g = torch.tensor([[1.0, 1.0, 0.5], [2.0, 0.0, 1.0]])
-    # mean(Δ² g²) = (1*1 + 0 + 4*0.25 + 1*4 + 4*0 + 0) / 6 = 6/6
-    assert brecq_fisher_loss(D_ABS, g).item() == pytest.approx(1.0)
-
-
-def test_fisher_diag_loss_is_linear_in_gradient():
-    g_bar = torch.tensor([2.0, 1.0, 0.5])
-    # mean(Δ² ḡ) = (1*2 + 0 + 4*0.5 + 1*2 + 4*1 + 0) / 6 = 10/6
-    assert fisher_diag_loss(D_ABS, g_bar).item() == pytest.approx(10 / 6)
-
-
-def test_fisher_lowrank_gram_inverse_by_hand():
-    G = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    D = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
-    M = lowrank_metric(G, D, "gram_inverse", ridge=0.0)  # (D D^T)^-1 = diag(1, 1/4)
-    assert torch.allclose(M, torch.diag(torch.tensor([1.0, 0.25], dtype=torch.float64)))
-    # a_b = Δ_b G^T: sample 0: [1+2, 0] = [3, 0]; sample 1: [1+0, 2] = [1, 2]
-    # a^T M a: 9 and 1 + 4/4 = 2 -> mean 5.5
-    assert fisher_lowrank_loss(D_ABS, G, M, "gram_inverse").item() == pytest.approx(5.5)
-
-
-def test_fisher_lowrank_identity_and_secant_by_hand():
-    G = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    # identity: mean_{b,j} (mean_n Δ g_j)^2: sample 0: (3/3)^2, 0; sample 1: (1/3)^2, (2/3)^2
-    expected = (1 + 0 + 1 / 9 + 4 / 9) / 4
-    assert fisher_lowrank_loss(D_ABS, G, lowrank_metric(G, G, "identity"), "identity").item() == pytest.approx(expected)
-    D = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    M = lowrank_metric(G, D, "secant", ridge=0.0)  # D G^T = diag(2, 1)
-    assert torch.allclose(M, torch.diag(torch.tensor([0.5, 1.0], dtype=torch.float64)))
-
-
-def test_lowrank_metric_survives_collinear_and_zero_snapshots():
-    g = torch.rand(1, 50)
-    G = torch.cat([g, g * 1.0000001, g * 2])  # collinear: a bare inverse is singular
-    for D in (G.clone(), torch.zeros_like(G)):
-        M = lowrank_metric(G, D, "gram_inverse")
-        assert torch.isfinite(M).all()
-        assert torch.linalg.eigvalsh(M).min() > 0  # positive definite
-
-
-def test_kl_head_loss_and_normaliser():
-    p = torch.tensor([[0.0, 1.0]])
-    assert kl_logits_loss(p, p).item() == pytest.approx(0.0, abs=1e-7)
-    y = torch.tensor([[1.0, 0.0]])
-    ps, ys = torch.softmax(p, -1), torch.softmax(y, -1)
-    assert kl_logits_loss(p, y).item() == pytest.approx((ys * (ys / ps).log()).sum().item(), rel=1e-5)
-    assert normalised(torch.tensor(0.0), 0.0).item() == 0.0  # no 0/0
-
 
 # ----------------------------------------------------------------------------- schedule and AdaRound
 @pytest.mark.parametrize("iters, k", [(20000, 5), (20000, 15), (20000, 3), (500, 7), (10, 15)])
@@ -108,12 +49,7 @@ def test_adaround_starts_at_the_float_weight_and_hardens_to_the_grid():
 
 
 # ----------------------------------------------------------------------------- the engine
-def tiny_model():
-    torch.manual_seed(0)
-    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10).eval()
-    m.pretrained_cfg = {"vitq_arch_kwargs": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
-                                                 num_classes=10)}
-    return m
+tiny_model = tiny_vit
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +58,14 @@ def data():
     return torch.randn(48, 3, 32, 32)
 
 
-QUICK = dict(w_bits=3, a_bits=3, calib_size=16, optim_size=48, iters=40, eq_n=16, rank=3, progress=False,
-             device="cpu")
+CALIB_QUICK = dict(w_bits=3, a_bits=3, calib_size=16, calibration={"eq_n": 16}, progress=False, device="cpu")
+RECON_QUICK = {"optim_size": 48, "iters": 40, "rank": 3}
+QUICK = {**CALIB_QUICK, "reconstruction": RECON_QUICK}
+
+
+def quick(**recon):
+    """QUICK with some reconstruction settings changed."""
+    return {**CALIB_QUICK, "reconstruction": {**RECON_QUICK, **recon}}
 
 
 def rel_err(a, b):
@@ -133,18 +75,17 @@ def rel_err(a, b):
 def test_reconstruction_improves_on_calibration(data):
     fp = tiny_model()
     ref = fp(data)
-    calib_only = vitq.quantize(copy.deepcopy(fp), data, "mse", **{k: v for k, v in QUICK.items()
-                                                                   if k not in ("optim_size", "iters", "rank")})
-    fimaq = vitq.quantize(copy.deepcopy(fp), data, "fimaq", **{**QUICK, "iters": 150})
+    calib_only = vitq.quantize(copy.deepcopy(fp), data, "mse", **CALIB_QUICK)
+    fimaq = vitq.quantize(copy.deepcopy(fp), data, "fimaq", **quick(iters=150))
     assert rel_err(fimaq(data), ref) < rel_err(calib_only(data), ref)
 
 
-@pytest.mark.parametrize("recipe", ["qdrop", "brecq", "fimaq-diag", "fimaq-lowrank", "fimaq"])
+@pytest.mark.parametrize("recipe", ["qdrop", "brecq", "fimaq-diag", "fimaq-lowrank", "fimaq-dplr-lowrank", "fimaq"])
 def test_every_reconstruction_recipe_runs_and_stays_finite(recipe, data):
-    report = {}
-    q = vitq.quantize(tiny_model(), data, recipe, report=report, **QUICK)
-    assert torch.isfinite(q(data)).all()
-    blocks = report["reconstruction"]["blocks"]
+    result = vitq.quantize_with_summary(tiny_model(), data, recipe, **QUICK)
+    assert torch.isfinite(result.model(data)).all()
+    assert set(result.stages) == {"calibration", "reconstruction"}
+    blocks = result.reconstruction["blocks"]
     assert [b["block"] for b in blocks] == ["patch_embed", "blocks.0", "blocks.1", "head"]
     if recipe.startswith("fimaq"):
         assert [b["snapshots"] for b in blocks] == [3, 3, 3, 0]  # k per block, none for the head
@@ -168,7 +109,7 @@ def test_same_seed_same_model(data):
 
 def kill_on_third_block(monkeypatch):
     """Make the third reconstruct_block call raise KeyboardInterrupt (a Ctrl-C mid-run); returns the undo."""
-    real = recon.reconstruct_block
+    real = engine.reconstruct_block
     calls = {"n": 0}
 
     def dies_on_third_block(*args, **kwargs):
@@ -177,8 +118,8 @@ def kill_on_third_block(monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(recon, "reconstruct_block", dies_on_third_block)
-    return lambda: monkeypatch.setattr(recon, "reconstruct_block", real)
+    monkeypatch.setattr(engine, "reconstruct_block", dies_on_third_block)
+    return lambda: monkeypatch.setattr(engine, "reconstruct_block", real)
 
 
 def test_killed_run_resumes_to_the_same_result(data, tmp_path, monkeypatch):
@@ -186,34 +127,154 @@ def test_killed_run_resumes_to_the_same_result(data, tmp_path, monkeypatch):
     undo = kill_on_third_block(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         vitq.quantize(tiny_model(), data, "fimaq", work_dir=tmp_path, **QUICK)
-    saved = torch.load(tmp_path / "reconstruction.pt", weights_only=False)
+    saved = json.loads((tmp_path / "reconstruction.json").read_text())
     assert [b["block"] for b in saved["blocks"]] == ["patch_embed", "blocks.0"]
     undo()
-    report = {}
-    resumed = vitq.quantize(tiny_model(), data, "fimaq", work_dir=tmp_path, report=report, **QUICK)
-    assert torch.equal(resumed(data), uninterrupted)
+    resumed = vitq.quantize_with_summary(tiny_model(), data, "fimaq", work_dir=tmp_path, **QUICK)
+    assert torch.equal(resumed.model(data), uninterrupted)
+    assert [b["block"] for b in resumed.reconstruction["blocks"]] == ["patch_embed", "blocks.0", "blocks.1", "head"]
 
 
-def test_resume_refuses_other_settings(data, tmp_path):
+def test_resume_refuses_another_model_other_images_other_settings_and_damage(data, tmp_path):
     vitq.quantize(tiny_model(), data, "qdrop", work_dir=tmp_path, **QUICK)
     with pytest.raises(vitq.VitqError, match="other settings"):
-        vitq.quantize(tiny_model(), data, "qdrop", work_dir=tmp_path, **{**QUICK, "iters": 41})
+        vitq.quantize(tiny_model(), data, "qdrop", work_dir=tmp_path, **quick(iters=41))
+    with pytest.raises(vitq.VitqError, match="another model"):  # same architecture, other weights
+        vitq.quantize(tiny_model(seed=1), data, "qdrop", work_dir=tmp_path, **QUICK)
+    with pytest.raises(vitq.VitqError, match="other optimisation images"):
+        vitq.quantize(tiny_model(), data.flip(0), "qdrop", work_dir=tmp_path, **QUICK)
+    # --restart discards the old run instead
+    vitq.quantize(tiny_model(seed=1), data, "qdrop", work_dir=tmp_path, restart=True, **QUICK)
+    state = tmp_path / "reconstruction.safetensors"
+    state.write_bytes(state.read_bytes()[:-10])
+    with pytest.raises(vitq.VitqError, match="damaged") as err:
+        vitq.quantize(tiny_model(seed=1), data, "qdrop", work_dir=tmp_path, **QUICK)
+    assert "\n" not in str(err.value) and "--restart" in str(err.value)
 
 
 def test_bad_reconstruction_options():
     with pytest.raises(vitq.VitqError, match="loss must be one of"):
         ReconConfig(loss="nope")
     with pytest.raises(vitq.VitqError, match="no reconstruction stage"):
-        vitq.get_recipe("mse", iters=10)
+        vitq.get_recipe("mse", reconstruction={"iters": 10})
     with pytest.raises(vitq.VitqError, match="alpha"):
-        vitq.get_recipe("fimaq", alpha=1.5)
+        vitq.get_recipe("fimaq", reconstruction={"alpha": 1.5})
+    with pytest.raises(vitq.VitqError, match="unknown reconstruction option 'iter'"):
+        vitq.get_recipe("fimaq", reconstruction={"iter": 10})
+
+
+def test_reconstruction_leaves_the_global_rng_alone(data):
+    model = tiny_model()  # (the builder seeds the RNG itself)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    vitq.quantize(model, data, "qdrop", **QUICK)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_snapshot_gradient_equals_brute_force_gradient_through_the_whole_model(data):
+    """A snapshot runs only the block and what follows it; its gradient at the block output must
+    equal autograd through the whole model (prefix float, this block quantized, rest float)."""
+    from vitq.reconstruction.fisher import _take_snapshot
+
+    model = vitq.quantize(tiny_model(), data, "minmax", w_bits=4, a_bits=4, calib_size=48, progress=False)
+    cfg = ReconConfig(capture_batch_size=16, temperature=4.0)
+    set_mode(model, QuantMode.FLOAT)
+    with torch.no_grad():
+        targets = torch.softmax(model(data) / cfg.temperature, -1)
+    name, block = "blocks.1", model.blocks[1]
+    x_fp = engine.capture_block_input(model, name, block, data, 16, torch.device("cpu"), torch.device("cpu"))
+    y_fp = torch.cat([block(x_fp[i:i + 16]) for i in range(0, len(x_fp), 16)]).detach()
+    set_mode(block, QuantMode.QUANT)
+    g, d, sq = _take_snapshot(model, name, block, x_fp, y_fp, targets, cfg, torch.device("cpu"), None)
+    # brute force: the full forward with a hook keeping the block output's gradient, over the same
+    # batches (the KL is a batch mean, as in the official code, so its gradient scales with 1/batch)
+    kept = []
+
+    def keep(_m, _i, out):
+        out.retain_grad()
+        kept.append(out)
+
+    handle = block.register_forward_hook(keep)
+    for i in range(0, len(data), 16):
+        logits = model(data[i:i + 16])
+        torch.nn.functional.kl_div(torch.log_softmax(logits / cfg.temperature, -1), targets[i:i + 16],
+                                   reduction="batchmean").backward()
+    handle.remove()
+    grad = torch.cat([out.grad for out in kept])
+    outs = torch.cat([out.detach() for out in kept])
+    assert torch.allclose(g, grad.abs().reshape(len(data), -1).mean(0), rtol=1e-4, atol=1e-9)
+    assert sq == pytest.approx(float(grad.pow(2).sum()), rel=1e-4)
+    assert torch.allclose(d, (outs - y_fp).abs().reshape(len(data), -1).mean(0), atol=1e-6)
+
+
+def test_paper_rms_form_leaves_the_diagonal_term_unchanged(data):
+    from vitq.reconstruction.fisher import FisherState, refresh_snapshots
+
+    out = {}
+    for form in ("gram_inverse", "paper_rms"):
+        model = vitq.quantize(tiny_model(), data, "minmax", w_bits=4, a_bits=4, calib_size=48, progress=False)
+        cfg = ReconConfig(lowrank_form=form, capture_batch_size=16)
+        set_mode(model, QuantMode.FLOAT)
+        with torch.no_grad():
+            targets = torch.softmax(model(data) / cfg.temperature, -1)
+        block = model.blocks[0]
+        x = engine.capture_block_input(model, "blocks.0", block, data, 16, torch.device("cpu"), torch.device("cpu"))
+        with torch.no_grad():
+            y = block(x)
+        set_mode(block, QuantMode.QUANT)
+        state = FisherState()
+        refresh_snapshots(model, "blocks.0", block, x, x, y, targets, cfg, torch.device("cpu"),
+                          torch.Generator().manual_seed(0), state)
+        out[form] = state
+    assert torch.equal(out["gram_inverse"].g_bar, out["paper_rms"].g_bar)
+    assert not torch.allclose(out["gram_inverse"].G_mat, out["paper_rms"].G_mat)
+
+
+def test_log_softmax_quantizers_get_qdrop_but_keep_their_scale(data, monkeypatch):
+    """Decision (see vitq.reconstruction): log-domain quantizers are QDropped, their scale is not learned."""
+    seen = []
+    real = LogQuantizer.forward
+
+    def spy(self, x):
+        if self.training:
+            seen.append(self.drop_prob)
+        return real(self, x)
+
+    monkeypatch.setattr(LogQuantizer, "forward", spy)
+    calibrated = vitq.quantize(tiny_model(), data, "mse", softmax_quantizer="log2", **CALIB_QUICK)
+    before = calibrated.blocks[0].attn.matmul2.a_quantizer.scale.detach().clone()
+    q = vitq.quantize(tiny_model(), data, "fimaq", softmax_quantizer="log2", **QUICK)
+    log_q = q.blocks[0].attn.matmul2.a_quantizer
+    assert isinstance(log_q, LogQuantizer) and seen and set(seen) == {0.5}
+    assert torch.equal(log_q.scale, before) and not log_q.training and log_q.drop_prob == 1.0
+
+
+@pytest.mark.parametrize("family", ["swin", "deit_distilled"])
+def test_reconstruction_of_other_families_saves_and_reloads_identically(family, data, tmp_path):
+    if family == "swin":
+        from conftest import TINY_SWIN as kwargs
+
+        model, timm_name = tiny_swin(), "swin_tiny_patch4_window7_224"
+    else:
+        from conftest import TINY_VIT as kwargs
+
+        model, timm_name = tiny_vit(distilled=True), "deit_tiny_distilled_patch16_224"
+    result = vitq.quantize_with_summary(model, data, "fimaq", **quick(iters=10))
+    names = [b["block"] for b in result.reconstruction["blocks"]]
+    assert names[0] == "patch_embed" and names[-1] in ("head", "head+head_dist")
+    if family == "swin":
+        assert "layers.1.downsample" in names  # patch merging is a block of its own
+    out = result.model(data)
+    assert torch.isfinite(out).all()
+    vitq.save_quantized(result.model, tmp_path / "m", architecture={"timm_name": timm_name, "arch_kwargs": kwargs})
+    assert torch.equal(vitq.load_model(str(tmp_path / "m"))(data), out)
 
 
 def test_dfq_interval_is_learned_and_saved(data, tmp_path):
-    from vitq.aiqvit import DynamicFocusingQuantizer
+    from vitq.methods.aiqvit import DynamicFocusingQuantizer
 
-    calibrated = vitq.quantize(tiny_model(), data, "mse", w_bits=3, a_bits=3, calib_size=16, eq_n=16,
-                               softmax_quantizer="dfq", progress=False, device="cpu")
+    calibrated = vitq.quantize(tiny_model(), data, "mse", softmax_quantizer="dfq", **CALIB_QUICK)
     start = calibrated.blocks[0].attn.matmul2.a_quantizer
     assert isinstance(start, DynamicFocusingQuantizer)
     q = vitq.quantize(tiny_model(), data, "fimaq+dfq", **QUICK)
@@ -226,25 +287,29 @@ def test_dfq_interval_is_learned_and_saved(data, tmp_path):
     assert torch.equal(vitq.load_model(str(tmp_path / "m"))(data), q(data))
 
 
-AIQ_QUICK = {**QUICK, "aiq_candidates": (0, 4, 8), "aiq_search_iters": 5}
+AIQ_SMALL = {"candidates": (0, 4, 8), "search_iters": 5}
+
+
+def aiq_quick(**aiq):
+    return {**QUICK, "aiq": {**AIQ_SMALL, **aiq}}
 
 
 @pytest.mark.parametrize("recipe, extra", [
     ("aiqvit", {}),
-    ("aiqvit", {"aiq_lrc_mode": "side", "aiq_rank_policy": "energy"}),
-    ("fimaq+aiq", {"aiq_rank_policy": "fixed", "aiq_fixed_rank": 4}),
+    ("aiqvit", {"lrc_mode": "side", "rank_policy": "energy"}),
+    ("fimaq+aiq", {"rank_policy": "fixed", "fixed_rank": 4}),
 ])
 def test_aiqvit_recipes_run_report_ranks_and_reload(recipe, extra, data, tmp_path):
-    from vitq.aiqvit import lowrank_modules
+    from vitq.methods.aiqvit import lowrank_modules
 
-    report = {}
-    q = vitq.quantize(tiny_model(), data, recipe, report=report, **{**AIQ_QUICK, **extra})
-    ranks = report["reconstruction"]["blocks"][1]["lrc_ranks"]
+    result = vitq.quantize_with_summary(tiny_model(), data, recipe, **aiq_quick(**extra))
+    q = result.model
+    ranks = result.reconstruction["blocks"][1]["lrc_ranks"]
     assert set(ranks) == {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
     assert all(r in (0, 4, 8) for r in ranks.values())
-    if extra.get("aiq_rank_policy") == "fixed":
+    if extra.get("rank_policy") == "fixed":
         assert set(ranks.values()) == {4}
-    side = extra.get("aiq_lrc_mode") == "side"
+    side = extra.get("lrc_mode") == "side"
     # merged compensation is folded into the weights; side branches stay and are saved
     assert bool(lowrank_modules(q)) == (side and any(ranks.values()))
     out = q(data)
@@ -254,7 +319,7 @@ def test_aiqvit_recipes_run_report_ranks_and_reload(recipe, extra, data, tmp_pat
 
 
 def test_aiqvit_curriculum_and_lrc_resume_to_the_same_result(data, tmp_path, monkeypatch):
-    kw = {**AIQ_QUICK, "aiq_rank_policy": "fixed", "aiq_fixed_rank": 4}
+    kw = aiq_quick(rank_policy="fixed", fixed_rank=4)
     uninterrupted = vitq.quantize(tiny_model(), data, "fimaq+aiq", **kw)(data)
     undo = kill_on_third_block(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
@@ -265,8 +330,14 @@ def test_aiqvit_curriculum_and_lrc_resume_to_the_same_result(data, tmp_path, mon
 
 
 def test_aiq_options_need_an_aiq_recipe():
-    with pytest.raises(vitq.VitqError, match="no AIQViT stage"):
-        vitq.get_recipe("fimaq", aiq_lrc_mode="side")
+    with pytest.raises(vitq.VitqError, match="no aiq stage"):
+        vitq.get_recipe("fimaq", aiq={"lrc_mode": "side"})
+
+
+def test_dfq_options_reach_the_quantizer_of_fimaq_dfq(data):
+    # the CLI's --dfq-granularity head on fimaq+dfq (issue: it was refused with "no AIQViT stage")
+    q = vitq.quantize(tiny_model(), data, "fimaq+dfq", softmax_options={"granularity": "head"}, **quick(iters=5))
+    assert q.blocks[0].attn.matmul2.a_quantizer.b1.numel() == 3  # one interval per head
 
 
 @pytest.mark.parametrize("warmup, trained_before_arch", [(0.0, False), (0.5, True)])
@@ -274,7 +345,7 @@ def test_rank_search_warmup_trains_factors_before_the_architecture_steps(warmup,
                                                                          monkeypatch):
     # With B = 0 all candidate ranks give the same output, so alpha can only compare them after
     # the factors moved: the warm-up must train A, B before the first architecture step.
-    import vitq.aiqvit_reconstruction as aiq_recon
+    import vitq.methods.aiqvit.extension as aiq_recon
 
     seen = []
     real_step = aiq_recon.first_order_darts_step
@@ -285,5 +356,5 @@ def test_rank_search_warmup_trains_factors_before_the_architecture_steps(warmup,
         return real_step(weight_loss, val_loss, weight_opt, arch_opt, lowranks, *args, **kwargs)
 
     monkeypatch.setattr(aiq_recon, "first_order_darts_step", spy)
-    vitq.quantize(tiny_model(), data, "aiqvit", **{**AIQ_QUICK, "aiq_search_iters": 4, "aiq_search_warmup": warmup})
+    vitq.quantize(tiny_model(), data, "aiqvit", **aiq_quick(search_iters=4, search_warmup=warmup))
     assert (seen[0] > 0) == trained_before_arch

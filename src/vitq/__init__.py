@@ -8,12 +8,14 @@
 
 __version__ = "0.1.0"
 
-from .api import calibration_images, load_quantized, quantize, recipe_of, save_quantized  # noqa: E402
+from . import methods  # noqa: E402,F401  (method packages register their quantizers on import)
+from .api import (QuantizeResult, calibration_images, load_quantized, quantize, quantize_with_summary,  # noqa: E402
+                  recipe_of, save_quantized)
 from .errors import VitqError  # noqa: E402
 from .models import load_model  # noqa: E402
 from .recipes import PRESETS, Recipe, get_recipe, recipe_names  # noqa: E402
 
 __all__ = [
-    "PRESETS", "Recipe", "VitqError", "calibration_images", "get_recipe", "load_model", "load_quantized",
-    "quantize", "recipe_names", "recipe_of", "save_quantized",
+    "PRESETS", "QuantizeResult", "Recipe", "VitqError", "calibration_images", "get_recipe", "load_model",
+    "load_quantized", "quantize", "quantize_with_summary", "recipe_names", "recipe_of", "save_quantized",
 ]

@@ -13,22 +13,24 @@ Example::
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
 
-from .adapters import QuantSpec, prepare
+from .adapters import QuantSpec, architecture_of, build_model, prepare, prepare_for_state_dict
 from .calibration import calibrate
 from .data import atomic_write_bytes, build_dataset, fixed_subset, resolve_data
 from .errors import VitqError
 from .qmodules import QuantMode, set_mode
 from .recipes import Recipe, get_recipe, recipe_from_dict
+from .report import stage
 from .runtime import resolve_device
 
-QUANTIZED_FORMAT = "vitq-quantized-v1"
+# v2: recipes with softmax_options, side branches in QuantLinear.side (v1 models: quantize again)
+QUANTIZED_FORMAT = "vitq-quantized-v2"
 
 
 def _collect_images(calib_data: Any, n: int, seed: int) -> torch.Tensor:
@@ -80,6 +82,7 @@ def calibration_images(model: nn.Module, data: str, n: int, seed: int = 0, trans
     """
     import timm.data
 
+    from .data import FolderImageDataset
     from .models import data_config
 
     cfg = data_config(model)
@@ -89,7 +92,6 @@ def calibration_images(model: nn.Module, data: str, n: int, seed: int = 0, trans
     if calib_root is not None:
         spec = resolve_data(calib_root)
         root = spec.calib_root or spec.eval_root
-        from .data import FolderImageDataset
         dataset = FolderImageDataset(root, tf)
     else:
         dataset = build_dataset(resolve_data(data), "calib", tf)
@@ -108,67 +110,67 @@ def images_needed(recipe: Recipe) -> int:
     return max(recipe.calib_size, optim)
 
 
-def quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe = "mse", *, w_bits: int | None = None,
-             a_bits: int | None = None, device: str | torch.device | None = None, progress: bool = True,
-             work_dir: str | Path | None = None, report: dict[str, Any] | None = None,
-             after_calibration: Callable[[nn.Module], None] | None = None, **overrides: Any) -> nn.Module:
-    """Quantize ``model`` in place with ``recipe`` and return it (in quantized mode).
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize_with_summary` returns: the model and what each stage did."""
+
+    model: nn.Module
+    recipe: Recipe
+    calibration: dict[str, Any]
+    reconstruction: dict[str, Any] | None
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)  # seconds and peak memory per stage
+
+
+def quantize_with_summary(model: nn.Module, calib_data: Any, recipe: str | Recipe = "mse", *,
+                          device: str | torch.device | None = None, progress: bool = True,
+                          work_dir: str | Path | None = None, restart: bool = False,
+                          after_calibration: Callable[[nn.Module], None] | None = None,
+                          **overrides: Any) -> QuantizeResult:
+    """Quantize ``model`` in place with ``recipe``; returns the model and the per-stage summaries.
 
     ``calib_data``: preprocessed images as a tensor (N, 3, H, W), a dataset of (image, label)
     or an iterable of batches. Calibration uses ``recipe.calib_size`` of them; reconstruction
     recipes also use ``optim_size`` (a fixed random sample when there are more; the calibration
-    images are a subset of the optimisation images, as in FIMA-Q). ``w_bits``/``a_bits`` and any
-    other :class:`Recipe`, calibration or reconstruction field given as a keyword override the
-    preset. With ``work_dir``, reconstruction saves its state after every block there and a
-    repeated call resumes after the last finished block. ``report`` (a dict) receives the
-    calibration and per-block reconstruction summaries. ``after_calibration(model)`` is called
-    between calibration and reconstruction (e.g. to evaluate the calibration-only model).
+    images are a subset of the optimisation images, as in FIMA-Q). ``overrides`` go to
+    :func:`~vitq.recipes.get_recipe` (``w_bits=3``, ``reconstruction={"iters": 500}``). With
+    ``work_dir``, reconstruction saves its state after every block there and a repeated call
+    resumes after the last finished block (``restart=True`` discards it). ``after_calibration(model)``
+    is called between calibration and reconstruction (e.g. to evaluate the calibration-only model).
     """
-    recipe = get_recipe(recipe, w_bits=w_bits, a_bits=a_bits, **overrides)
+    recipe = get_recipe(recipe, **overrides)
     dev = resolve_device(None if device is None else str(device))
     pool = _collect_images(calib_data, images_needed(recipe), recipe.seed)
     calib = pool[torch.from_numpy(fixed_subset(len(pool), recipe.calib_size, recipe.seed))]
+    stages: dict[str, dict[str, float]] = {}
     model.eval().to(dev)
     prepare(model, recipe.quant_spec())
-    summary = calibrate(model, calib, recipe.calibration, dev, progress=progress)
-    if report is not None:
-        report["calibration"] = summary
+    with stage(stages, "calibration", dev):
+        summary = calibrate(model, calib, recipe.calibration, dev, progress=progress, seed=recipe.seed)
     if after_calibration is not None:
         after_calibration(model)
+    recon = None
     if recipe.reconstruction is not None:
         from .reconstruction import reconstruct
 
-        extension = None
-        if recipe.aiq is not None:
-            from .aiqvit_reconstruction import AIQViTExtension
-
-            extension = AIQViTExtension(recipe.aiq)
-        recon = reconstruct(model, pool, recipe.reconstruction, dev, seed=recipe.seed, progress=progress,
-                            work_dir=work_dir, resume_key={"recipe": recipe.to_dict()}, extension=extension)
-        side_ranks = recon.get("lrc_side_ranks", {})
-        if report is not None:
-            report["reconstruction"] = recon
+        extension = recipe.aiq.make_extension() if recipe.aiq is not None else None
+        with stage(stages, "reconstruction", dev):
+            recon = reconstruct(model, pool, recipe.reconstruction, dev, seed=recipe.seed, progress=progress,
+                                work_dir=work_dir, run_settings={"recipe": recipe.to_dict()}, extension=extension,
+                                restart=restart)
     # One plain dict on the root model (like timm's pretrained_cfg) so the model can be saved.
     model.vitq_config = {"recipe": recipe.to_dict(), "spec": asdict(recipe.quant_spec()),
                          "folded_layers": summary["folded_layers"]}
-    if recipe.reconstruction is not None and side_ranks:
-        model.vitq_config["lrc_side_ranks"] = side_ranks
-    return model
+    if recon is not None and recon.get("lrc_side_ranks"):
+        model.vitq_config["lrc_side_ranks"] = recon["lrc_side_ranks"]
+    return QuantizeResult(model, recipe, summary, recon, stages)
 
 
-def _architecture_of(model: nn.Module) -> dict[str, Any]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "vitq_arch_kwargs" in cfg:
-        return {"arch_kwargs": cfg["vitq_arch_kwargs"]}
-    arch = cfg.get("architecture")
-    if arch:
-        kwargs: dict[str, Any] = {"num_classes": getattr(model, "num_classes", 1000)}
-        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if img_size is not None:
-            kwargs["img_size"] = tuple(img_size)
-        return {"timm_name": arch, "arch_kwargs": kwargs}
-    raise VitqError("cannot tell which timm architecture this model is (no pretrained_cfg): create it with "
-                    "timm.create_model or vitq.load_model, or pass save_quantized(..., architecture={...})")
+def quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe = "mse", **kwargs: Any) -> nn.Module:
+    """Quantize ``model`` in place with ``recipe`` and return it (in quantized mode).
+
+    The same arguments as :func:`quantize_with_summary`, which also returns what each stage did.
+    """
+    return quantize_with_summary(model, calib_data, recipe, **kwargs).model
 
 
 def save_quantized(model: nn.Module, folder: str | Path, architecture: dict[str, Any] | None = None) -> Path:
@@ -176,7 +178,7 @@ def save_quantized(model: nn.Module, folder: str | Path, architecture: dict[str,
 
     ``vitq.load_model(folder)`` / ``vitq eval --model folder`` load it back to the same logits.
     ``architecture`` says how to rebuild the float model (``{"timm_name": ..., "arch_kwargs": {...}}``);
-    by default it is read from the model's timm ``pretrained_cfg``.
+    by default the model's adapter reads it from the model.
     """
     from safetensors.torch import save
 
@@ -188,7 +190,7 @@ def save_quantized(model: nn.Module, folder: str | Path, architecture: dict[str,
                       for k, v in (getattr(model, "pretrained_cfg", None) or {}).items()
                       if k in ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "num_classes",
                                "architecture", "vitq_arch_kwargs")}
-    arch = architecture if architecture is not None else _architecture_of(model)
+    arch = architecture if architecture is not None else architecture_of(model)
     config = {"format": QUANTIZED_FORMAT, **arch, "pretrained_cfg": pretrained_cfg, **meta}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     blob = save(state)
@@ -199,47 +201,39 @@ def save_quantized(model: nn.Module, folder: str | Path, architecture: dict[str,
 
 def load_quantized(folder: str | Path) -> nn.Module:
     """Rebuild a model written by :func:`save_quantized`, in quantized mode."""
-    import timm
     from safetensors.torch import load_file
-    from timm.models.vision_transformer import VisionTransformer
 
     folder = Path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise VitqError(f"cannot read {folder / 'config.json'}: {exc}") from None
-    if config.get("format") != QUANTIZED_FORMAT:
-        raise VitqError(f"{folder} is not a vitq quantized model (format {config.get('format')!r})")
-    if "timm_name" in config:
-        model = timm.create_model(config["timm_name"], pretrained=False, **config.get("arch_kwargs", {}))
-    else:
-        model = VisionTransformer(**config["arch_kwargs"])
+    fmt = config.get("format")
+    if fmt != QUANTIZED_FORMAT:
+        hint = ": it was written by an older vitq, quantize the model again" if str(fmt).startswith("vitq-") else ""
+        raise VitqError(f"{folder} is not a vitq quantized model of this version (format {fmt!r}){hint}")
+    model = build_model(config)
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     cfg.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in config.get("pretrained_cfg", {}).items()})
     model.pretrained_cfg = model.default_cfg = cfg
-    spec = QuantSpec(**config["spec"])
-    prepare(model, spec)
+    prepare(model, QuantSpec(**config["spec"]))
     try:
         state = load_file(str(folder / "model.safetensors"))
     except Exception as exc:  # safetensors has its own error types for damaged files
         raise VitqError(f"{folder / 'model.safetensors'} is missing or damaged ({exc.__class__.__name__})") from None
-    # The RepQ fold gives bias-free layers (Swin reduction) a bias: recreate it before loading.
-    for key, value in state.items():
-        if key.endswith(".bias"):
-            owner = model.get_submodule(key.rsplit(".", 1)[0])
-            if getattr(owner, "bias", "absent") is None:
-                owner.bias = nn.Parameter(torch.zeros_like(value))
+    prepare_for_state_dict(model, state)
     side = config.get("lrc_side_ranks", {})
     if side:
-        # AIQViT side branches are modules with hooks: attach them to the calibrated layers (a first,
-        # partial load calibrates the quantizers), then load again with their factors.
-        from .aiqvit import attach_lowrank
+        from .methods.aiqvit import restore_side_branches
 
-        model.load_state_dict(state, strict=False)
         factor_bits = (config.get("recipe", {}).get("aiq") or {}).get("factor_bits")
-        for name, rank in side.items():
-            attach_lowrank(model.get_submodule(name), "side", rank=rank, init="lora", factor_bits=factor_bits)
-    model.load_state_dict(state)
+        restore_side_branches(model, side, factor_bits)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # e.g. a timm model built with other constructor arguments
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise VitqError(f"the weights in {folder} do not fit the architecture in its config.json ({first[:160]}): "
+                        "save with save_quantized(..., architecture={'timm_name': ..., 'arch_kwargs': {...}})") from None
     set_mode(model, QuantMode.QUANT)
     model.vitq_config = {k: config[k] for k in ("recipe", "spec", "folded_layers", "lrc_side_ranks") if k in config}
     return model.eval()

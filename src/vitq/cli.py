@@ -14,6 +14,13 @@ from typing import Any, Sequence
 from .errors import VitqError
 
 
+# The demo: FIMA-Q at W4/A4 on the reference model with a budget that takes about ten minutes on a
+# 2-core CPU (the paper's budget is 20,000 iterations per block on a GPU; see benchmarks/fimaq.md).
+DEMO_RECIPE = "fimaq"
+DEMO_BITS = 4
+DEMO_BUDGET = {"calib_size": 128, "reconstruction": {"iters": 200, "optim_size": 512}}
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -57,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_q.add_argument("--data", required=True, help="'cifar10' or an image folder with train/ and val/")
     p_q.add_argument("--recipe", default="mse",
                      help="minmax, percentile, mse, repq (calibration only); qdrop, brecq, fimaq-diag, fimaq-lowrank, "
-                          "fimaq, fimaq+dfq, aiqvit, fimaq+lrc, fimaq+aiq (block reconstruction). Default mse")
+                          "fimaq-dplr-lowrank, fimaq, fimaq+dfq, aiqvit, fimaq+lrc, fimaq+aiq (block reconstruction). "
+                          "Default mse")
     p_q.add_argument("--softmax-quantizer", choices=("uniform", "log2", "logsqrt2", "dfq"), default=None,
                      help="quantizer of the post-softmax attention (recipe default; dfq = AIQViT's learned interval)")
     p_q.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
@@ -77,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recon-batch-size", type=_positive_int, default=None, help="reconstruction batch (paper: 32)")
     g.add_argument("--rank", type=_positive_int, default=None, help="k, the number of Fisher snapshots (default 5)")
     g.add_argument("--alpha", type=float, default=None, help="DPLR weight of the low-rank term in [0,1] (default 0.5)")
-    g.add_argument("--lowrank-form", choices=("gram_inverse", "identity", "secant"), default=None,
-                   help="low-rank FIM form (default gram_inverse, the official code)")
+    g.add_argument("--lowrank-form", choices=("gram_inverse", "identity", "paper_rms", "secant"), default=None,
+                   help="low-rank FIM middle matrix: (DDᵀ)⁻¹ (gram_inverse, the official code), I (identity), I on "
+                        "RMS-normalised snapshots (paper_rms, the paper-era code), (GDᵀ)⁻¹ (secant)")
     g.add_argument("--snapshot-schedule", choices=("q", "qf", "r"), default=None,
                    help="when snapshots are taken: spread over the iterations (q), the first k (qf), perturbation (r)")
     g.add_argument("--renormalize", choices=("refresh", "once"), default=None,
@@ -89,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-lr", type=float, default=None, help="AdaRound learning rate (1e-3)")
     g.add_argument("--act-lr", type=float, default=None, help="activation-scale learning rate (4e-5)")
     g.add_argument("--round-lambda", type=float, default=None, help="rounding-regulariser weight (0.01)")
-    a = p_q.add_argument_group("AIQViT (recipes aiqvit, fimaq+lrc, fimaq+aiq): switch each part on or off")
+    a = p_q.add_argument_group("AIQViT (recipes aiqvit, fimaq+dfq, fimaq+lrc, fimaq+aiq): switch each part on or off")
     a.add_argument("--dfq", action=argparse.BooleanOptionalAction, default=None,
-                   help="dynamic focusing quantizer on post-softmax attention")
+                   help="dynamic focusing quantizer on post-softmax attention (= --softmax-quantizer dfq)")
     a.add_argument("--dfq-granularity", choices=("layer", "head"), default=None, help="one DFQ interval per layer/head")
+    a.add_argument("--dfq-below", choices=("clip", "zero"), default=None,
+                   help="DFQ: values below the interval go to its lower end (clip) or to exact 0 (zero)")
     a.add_argument("--lrc", action=argparse.BooleanOptionalAction, default=None, help="low-rank compensation")
     a.add_argument("--lrc-mode", choices=("merged", "side"), default=None,
                    help="Q(W+BA) folded into the weights (merged) or Q(W)+BA kept as a branch (side)")
@@ -106,9 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_q.add_argument("--limit", type=_positive_int, default=None,
                      help="evaluate on a fixed random sample of N evaluation images")
     p_q.add_argument("--skip-fp-eval", action="store_true", help="do not evaluate the FP model")
+    p_q.add_argument("--restart", action="store_true",
+                     help="discard a reconstruction checkpoint in --out instead of resuming it")
     _add_common(p_q)
 
     p_demo = sub.add_parser("demo", help="the main job on the shipped reference model and CIFAR-10")
+    p_demo.add_argument("--model", default="cifar10_vit", help="the model (default: the shipped cifar10_vit)")
+    p_demo.add_argument("--data", default="cifar10", help="the data (default: the shipped CIFAR-10)")
+    p_demo.add_argument("--limit", type=_positive_int, default=None,
+                        help="evaluate on a fixed random sample of N images (default: all)")
+    p_demo.add_argument("--iters", type=_positive_int, default=None,
+                        help=f"iterations per block (default {DEMO_BUDGET['reconstruction']['iters']})")
+    p_demo.add_argument("--optim-size", type=_positive_int, default=None,
+                        help=f"optimisation images (default {DEMO_BUDGET['reconstruction']['optim_size']})")
+    p_demo.add_argument("--calib-size", type=_positive_int, default=None,
+                        help=f"calibration images (default {DEMO_BUDGET['calib_size']})")
     _add_common(p_demo)
     return parser
 
@@ -145,15 +168,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# The demo: FIMA-Q at W4/A4 on the reference model with a budget that takes about ten minutes on a
-# 2-core CPU (the paper's budget is 20,000 iterations per block on a GPU; see benchmarks/fimaq.md).
-DEMO_RECIPE = "fimaq"
-DEMO_BITS = 4
-DEMO_BUDGET = {"iters": 200, "optim_size": 512, "calib_size": 128}
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .api import calibration_images, images_needed, quantize, save_quantized
+    from .api import calibration_images, images_needed, quantize_with_summary, save_quantized
     from .data import resolve_data
     from .models import load_model
     from .recipes import get_recipe
@@ -165,46 +181,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else new_run_dir("runs", "demo")
     stages: dict[str, dict[str, float]] = {}
     progress = not args.quiet
-    spec = resolve_data("cifar10")
-    recipe = get_recipe(DEMO_RECIPE, w_bits=DEMO_BITS, a_bits=DEMO_BITS, seed=0, **DEMO_BUDGET)
+    spec = resolve_data(args.data)
+    budget = {"iters": args.iters or DEMO_BUDGET["reconstruction"]["iters"],
+              "optim_size": args.optim_size or DEMO_BUDGET["reconstruction"]["optim_size"]}
+    recipe = get_recipe(DEMO_RECIPE, w_bits=DEMO_BITS, a_bits=DEMO_BITS, seed=0,
+                        calib_size=args.calib_size or DEMO_BUDGET["calib_size"], reconstruction=budget)
     r = recipe.reconstruction
-    print(f"vitq demo: the shipped reference ViT (cifar10_vit) on the 10,000 CIFAR-10 test images, FP32 vs "
-          f"W{DEMO_BITS}/A{DEMO_BITS}: FIMA-Q's calibration ('mse'), then FIMA-Q block reconstruction "
-          f"(DPLR Fisher loss, k={r.rank}) with a CPU budget of {r.iters} iterations per block and "
+    what = ("the shipped reference ViT (cifar10_vit) on the 10,000 CIFAR-10 test images"
+            if (args.model, args.data, args.limit) == ("cifar10_vit", "cifar10", None) else f"{args.model} on {args.data}")
+    print(f"vitq demo: {what}, FP32 vs W{DEMO_BITS}/A{DEMO_BITS}: FIMA-Q's calibration ('mse'), then FIMA-Q block "
+          f"reconstruction (DPLR Fisher loss, k={r.rank}) with a CPU budget of {r.iters} iterations per block and "
           f"{r.optim_size} optimisation images (the paper uses 20,000 and 1024)", flush=True)
     with stage(stages, "load", device):
-        model = load_model("cifar10_vit")
+        model = load_model(args.model)
     with stage(stages, "eval_fp", device):
-        fp = _eval_model(model, spec, None, 0, args.batch_size, args.workers, device, progress, "FP32 eval")
+        fp = _eval_model(model, spec, args.limit, 0, args.batch_size, args.workers, device, progress, "FP32 eval")
     results: dict[str, Any] = {}
 
     def eval_calibrated(m) -> None:
         t = stages.setdefault("eval_calibrated", {})
-        results["calibrated"] = _eval_model(m, spec, None, 0, args.batch_size, args.workers, device, progress,
+        results["calibrated"] = _eval_model(m, spec, args.limit, 0, args.batch_size, args.workers, device, progress,
                                             "calibrated eval")
         t["seconds"] = results["calibrated"]["seconds"]
 
-    details: dict[str, Any] = {}
     with stage(stages, "quantize", device):
-        calib = calibration_images(model, "cifar10", images_needed(recipe), seed=0)
-        quantize(model, calib, recipe, device=device, progress=progress, work_dir=out, report=details,
-                 after_calibration=eval_calibrated)
+        calib = calibration_images(model, args.data, images_needed(recipe), seed=0)
+        result = quantize_with_summary(model, calib, recipe, device=device, progress=progress, work_dir=out,
+                                       after_calibration=eval_calibrated)
     with stage(stages, "eval_quant", device):
-        qres = _eval_model(model, spec, None, 0, args.batch_size, args.workers, device, progress, "quantized eval")
+        qres = _eval_model(model, spec, args.limit, 0, args.batch_size, args.workers, device, progress,
+                           "quantized eval")
     save_quantized(model, out / "model")
     cal = results["calibrated"]
-    report = {"command": "demo", "model": "cifar10_vit", "data": "cifar10", "device": str(device),
+    report = {"command": "demo", "model": args.model, "data": args.data, "limit": args.limit, "device": str(device),
               "recipe": recipe.name, "w_bits": recipe.w_bits, "a_bits": recipe.a_bits, "seed": 0,
               "calib_size": recipe.calib_size, "fp_top1": fp["top1"], "calibrated_top1": cal["top1"],
               "quant_top1": qres["top1"], "fp": fp, "calibrated": cal, "quant": qres, "config": recipe.to_dict(),
-              "calibration": details.get("calibration"),
-              "reconstruction_blocks": details.get("reconstruction", {}).get("blocks"),
+              "calibration": result.calibration,
+              "reconstruction_blocks": (result.reconstruction or {}).get("blocks"),
               "stages": stages, "versions": versions()}
     write_json(out / "report.json", report)
     recon_s = sum(b["seconds"] for b in report["reconstruction_blocks"] or [])
     rows = [("FP32", "32", "32", fp["top1"], fp["top5"], "-"),
             ("mse calibration", str(recipe.w_bits), str(recipe.a_bits), cal["top1"], cal["top5"],
-             f"{details['calibration']['seconds']:.0f}"),
+             f"{result.calibration['seconds']:.0f}"),
             ("+ FIMA-Q reconstruction", str(recipe.w_bits), str(recipe.a_bits), qres["top1"], qres["top5"],
              f"{recon_s:.0f}")]
     print()
@@ -217,33 +237,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 RECON_FLAGS = ("iters", "optim_size", "rank", "alpha", "lowrank_form", "snapshot_schedule", "renormalize",
                "temperature", "input_mode", "drop_prob", "weight_lr", "act_lr", "round_lambda")
+AIQ_FLAGS = ("lrc", "lrc_mode", "rank_policy", "fixed_rank", "search_iters", "curriculum")
 
 
-AIQ_FLAGS = ("dfq", "dfq_granularity", "lrc", "lrc_mode", "rank_policy", "fixed_rank", "search_iters", "curriculum")
+def recipe_from_args(args: argparse.Namespace):
+    """The recipe the command line asks for: the preset, then the flags as nested overrides."""
+    from .recipes import get_recipe
 
-
-def _recon_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    values = {k: getattr(args, k) for k in RECON_FLAGS if getattr(args, k) is not None}
-    values.update({f"aiq_{k}": getattr(args, k) for k in AIQ_FLAGS if getattr(args, k) is not None})
+    base = get_recipe(args.recipe)
+    softmax = args.softmax_quantizer
+    if args.dfq is not None:
+        wanted = "dfq" if args.dfq else ("uniform" if base.softmax_quantizer == "dfq" else base.softmax_quantizer)
+        if softmax is not None and softmax != wanted:
+            raise VitqError(f"--{'' if args.dfq else 'no-'}dfq contradicts --softmax-quantizer {softmax}: give one")
+        softmax = wanted
+    dfq_options = {k: v for k, v in (("granularity", args.dfq_granularity), ("below", args.dfq_below)) if v is not None}
+    options = None
+    if dfq_options:
+        if (softmax or base.softmax_quantizer) != "dfq":
+            raise VitqError(f"--dfq-granularity / --dfq-below apply to the dfq post-softmax quantizer, which recipe "
+                            f"{base.name!r} does not use here: add --dfq, or use fimaq+dfq, aiqvit or fimaq+aiq")
+        options = {**(base.softmax_options if base.softmax_quantizer == "dfq" else {}), **dfq_options}
+    elif softmax is not None and softmax != base.softmax_quantizer:
+        options = {}  # the preset's options belong to its own quantizer
+    recon = {k: getattr(args, k) for k in RECON_FLAGS if getattr(args, k) is not None}
     if args.recon_batch_size is not None:
-        values["batch_size"] = args.recon_batch_size
-    return values
+        recon["batch_size"] = args.recon_batch_size
+    aiq = {k: getattr(args, k) for k in AIQ_FLAGS if getattr(args, k) is not None}
+    calibration = {k: getattr(args, k) for k in ("eq_n", "search_rounds") if getattr(args, k) is not None}
+    return get_recipe(base, w_bits=args.w_bits, a_bits=args.a_bits, softmax_quantizer=softmax,
+                      softmax_options=options, head_w_bits=args.head_bits, head_a_bits=args.head_bits,
+                      patch_embed_w_bits=args.patch_embed_bits, calib_size=args.calib_size, seed=args.seed,
+                      calibration=calibration or None, reconstruction=recon or None, aiq=aiq or None)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .api import calibration_images, images_needed, quantize, save_quantized
+    from .api import calibration_images, images_needed, quantize_with_summary, save_quantized
     from .data import resolve_data
     from .models import load_model
-    from .recipes import get_recipe
     from .report import new_run_dir, stage, versions, write_json
     from .runtime import resolve_device, seed_everything
 
     # every cheap check before any heavy work
-    recipe = get_recipe(args.recipe, w_bits=args.w_bits, a_bits=args.a_bits, softmax_quantizer=args.softmax_quantizer,
-                        head_w_bits=args.head_bits,
-                        head_a_bits=args.head_bits, patch_embed_w_bits=args.patch_embed_bits,
-                        calib_size=args.calib_size, seed=args.seed, eq_n=args.eq_n, search_rounds=args.search_rounds,
-                        **_recon_overrides(args))
+    recipe = recipe_from_args(args)
     device = resolve_device(args.device)
     spec = resolve_data(args.data)
     if args.calib_data is not None:
@@ -270,12 +306,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if recipe.reconstruction is not None:
         print(f"writing to {out}: if this run stops, the same command with --out {out} resumes it "
               "after the last finished block", flush=True)
-    details: dict[str, Any] = {}
     with stage(stages, "quantize", device):
-        quantize(model, calib, recipe, device=device, progress=progress, work_dir=out, report=details)
-    report["calibration"] = details.get("calibration")
-    if "reconstruction" in details:
-        report["reconstruction_blocks"] = details["reconstruction"]["blocks"]
+        result = quantize_with_summary(model, calib, recipe, device=device, progress=progress, work_dir=out,
+                                       restart=args.restart)
+    stages.update({f"quantize.{k}": v for k, v in result.stages.items()})
+    report["calibration"] = result.calibration
+    if result.reconstruction is not None:
+        report["reconstruction_blocks"] = result.reconstruction["blocks"]
     with stage(stages, "eval_quant", device):
         qres = _eval_model(model, spec, args.limit, args.seed, args.batch_size, args.workers, device, progress,
                            "quantized eval")

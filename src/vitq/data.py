@@ -19,10 +19,11 @@ import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image, UnidentifiedImageError
 
 from .errors import VitqError
@@ -62,10 +63,17 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write a file through a temporary sibling and rename it into place.
 
-    A killed process therefore never leaves a half-written file under ``path``.
+    A killed process therefore never leaves a half-written file under ``path``. The file gets the
+    mode an ordinary ``open`` would give it (0666 less the umask; mkstemp alone makes it 0600).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -74,6 +82,7 @@ def atomic_write_bytes(path: Path, write: Callable[[io.BufferedWriter], None]) -
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -165,39 +174,33 @@ class ArrayImageDataset(torch.utils.data.Dataset):
         return x, int(self.labels[i])
 
 
-class FolderImageDataset(torch.utils.data.Dataset):
-    """A class-per-folder tree (``ROOT/<class>/<image>``); classes sorted by name.
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
 
-    Unreadable images raise a :class:`VitqError` naming the file.
-    """
 
-    def __init__(self, root: Path, transform: Callable | None = None, classes: Sequence[str] | None = None):
+def _load_rgb(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as fh:
+            return Image.open(fh).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise VitqError(f"cannot read image {path}: {exc.__class__.__name__}; remove or replace the file") from None
+
+
+class FolderImageDataset(torchvision.datasets.ImageFolder):
+    """A class-per-folder tree (``ROOT/<class>/<image>``, classes sorted by name): torchvision's
+    ``ImageFolder`` whose user mistakes (no images, an unreadable file) are one-line
+    :class:`VitqError` s naming the folder or the file."""
+
+    def __init__(self, root: Path, transform: Callable | None = None):
         root = Path(root)
-        self.root, self.transform = root, transform
-        self.classes = list(classes) if classes is not None else sorted(p.name for p in root.iterdir() if p.is_dir())
-        self.samples: list[tuple[Path, int]] = []
-        for idx, name in enumerate(self.classes):
-            folder = root / name
-            if not folder.is_dir():
-                continue
-            for f in sorted(folder.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                    self.samples.append((f, idx))
+        try:
+            super().__init__(str(root), transform=transform, loader=_load_rgb, is_valid_file=_is_image,
+                             allow_empty=True)
+        except FileNotFoundError:  # no class folder at all
+            self.samples = []
         if not self.samples:
             raise VitqError(f"no images found under {root}: expected {root}/<class>/<image>.jpg")
-        self.labels = np.asarray([s[1] for s in self.samples], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        try:
-            img = Image.open(path).convert("RGB")
-        except (UnidentifiedImageError, OSError) as exc:
-            raise VitqError(f"cannot read image {path}: {exc.__class__.__name__}; remove or replace the file") from None
-        x = self.transform(img) if self.transform is not None else img
-        return x, label
+        self.labels = np.asarray(self.targets, dtype=np.int64)
 
 
 @dataclass

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import torch
+from timm.utils import accuracy
 from tqdm.auto import tqdm
 
 from .errors import VitqError
@@ -37,11 +38,9 @@ def evaluate(
         if not torch.isfinite(logits).all():
             raise VitqError(f"the model produced NaN/Inf logits on evaluation batch {batch_idx}: "
                             "the checkpoint or quantization parameters are broken")
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top.eq(y[:, None])
-        correct1 += hit[:, 0].sum().item()
-        correct5 += hit.any(dim=1).sum().item()
+        acc1, acc5 = accuracy(logits, y, topk=(1, min(5, logits.shape[1])))  # percent of the batch
+        correct1 += round(acc1.item() * len(y) / 100)
+        correct5 += round(acc5.item() * len(y) / 100)
         seen += len(y)
         bar.update(len(y))
         bar.set_postfix(top1=f"{100.0 * correct1 / seen:.2f}")

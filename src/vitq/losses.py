@@ -12,10 +12,12 @@ small epsilon so an all-zero reference cannot give 0/0 (fimaq.md §7.4).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-LOWRANK_FORMS = ("gram_inverse", "identity", "secant")
+LOWRANK_FORMS = ("gram_inverse", "identity", "paper_rms", "secant")
 
 
 def lp_loss(p: torch.Tensor, y: torch.Tensor, power: float = 2.0) -> torch.Tensor:
@@ -59,42 +61,56 @@ def fisher_diag_loss(delta: torch.Tensor, g_bar: torch.Tensor) -> torch.Tensor:
     return (delta.pow(2) * g_bar[None]).mean()
 
 
+def fisher_lr_loss(delta: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """The official code's ``fisher_lr``: ``mean_b mean_j (mean_n Δ_bn g_jn)^2`` (fimaq.md §3.6).
+
+    With one snapshot (k = 1) this is exactly the official formula; the official code crashes for
+    k >= 2 (a broadcast error at the second snapshot), so here the k rank-one terms are averaged.
+    """
+    return (delta @ G.t() / delta.shape[1]).pow(2).mean()
+
+
+def rms_normalised(g: torch.Tensor, sum_sq: float, count: int) -> torch.Tensor:
+    """The paper-era rescaling of one snapshot: ``g * sqrt(count / sum of squared gradients)``.
+
+    ``count`` is samples x elements and ``sum_sq`` the sum of the squared per-sample gradients,
+    so the rescaled per-sample gradients have unit RMS (fimaq.md §3.9).
+    """
+    return g * math.sqrt(count / max(sum_sq, 1e-30))
+
+
 def lowrank_metric(G: torch.Tensor, D: torch.Tensor, form: str, ridge: float = 1e-6) -> torch.Tensor:
-    """The k x k middle matrix ``M`` of the low-rank FIM ``F_lr = G^T M G`` (float64, symmetric).
+    """The k x k middle matrix ``M`` of the low-rank FIM ``F_lr = G^T M G`` (float64).
 
     * ``gram_inverse`` (official HEAD): ``M = (D D^T)^{-1}``;
-    * ``secant``: ``M = (D G^T)^{-1}`` (symmetrised), so that ``F_lr d_j = g_j``;
-    * ``identity`` (paper-era code): ``M = I``.
+    * ``secant``: ``M = (G D^T)^{-1}``, so that ``F_lr d_j = g_j`` for every snapshot j (the secant
+      conditions; ``F_lr`` is then not symmetric, and a quadratic form only sees its symmetric part);
+    * ``identity`` / ``paper_rms``: ``M = I`` (a sum of k rank-one terms; ``paper_rms`` is the
+      paper-era code, whose caller passes RMS-normalised snapshots as ``G``).
 
-    The inverse is a ridge-regularised float64 solve, ``(B + ridge * tr(B)/k * I)^{-1}``, not the
+    The inverse is a ridge-regularised float64 solve, ``(B + ridge * tr|B|/k * I)^{-1}``, not the
     official bare fp32 ``inv`` that fails for collinear snapshots (fimaq.md §7.3).
     """
     k = G.shape[0]
     eye = torch.eye(k, dtype=torch.float64, device=G.device)
-    if form == "identity":
+    if form in ("identity", "paper_rms"):
         return eye
     if form == "gram_inverse":
         B = D.double() @ D.double().t()
     elif form == "secant":
-        B = D.double() @ G.double().t()
-        B = (B + B.t()) / 2
+        B = G.double() @ D.double().t()
     else:
         raise ValueError(f"unknown low-rank form {form!r}; choose from {LOWRANK_FORMS}")
     trace = B.diagonal().abs().sum().clamp(min=1e-30)
-    B = B + ridge * trace / k * eye
-    M = torch.linalg.solve(B, eye)
-    return (M + M.t()) / 2
+    M = torch.linalg.solve(B + ridge * trace / k * eye, eye)
+    return (M + M.t()) / 2 if form == "gram_inverse" else M
 
 
-def fisher_lowrank_loss(delta: torch.Tensor, G: torch.Tensor, M: torch.Tensor, form: str) -> torch.Tensor:
-    """FIMA-Q's low-rank term ``|Δ|^T F_lr |Δ|``, averaged over the batch.
+def fisher_lowrank_loss(delta: torch.Tensor, G: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """DPLR's low-rank term ``|Δ|^T F_lr |Δ|`` with ``F_lr = G^T M G``, averaged over the batch.
 
-    ``gram_inverse`` / ``secant``: ``a_b = Δ_b G^T`` (k-vector, sums over N) and ``L1 = mean_b a_b^T M a_b``.
-    ``identity`` (sum of k rank-one terms, paper-era code): ``L1 = mean_{b,j} (mean_n Δ_bn ĝ_jn)^2``
-    with RMS-normalised snapshots ``ĝ_j`` (the caller passes those as ``G``).
+    ``a_b = Δ_b G^T`` (a k-vector, sums over N) and ``L1 = mean_b a_b^T M a_b`` (float64).
     """
-    if form == "identity":
-        return (delta @ G.t() / delta.shape[1]).pow(2).mean()
     a = (delta @ G.t()).double()
     return ((a @ M) * a).sum(1).mean().to(delta.dtype)
 

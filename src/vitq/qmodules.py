@@ -11,15 +11,14 @@ A quantizer slot may be ``None``: that operand is never quantized.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Iterator, Union
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quantizers import LogQuantizer, Quantizer as QuantizerBase, UniformQuantizer
+from .quantizers import Quantizer
 
-Quantizer = Union[UniformQuantizer, LogQuantizer]
 
 
 class QuantMode(str, Enum):
@@ -40,7 +39,7 @@ class QuantModule(nn.Module):
     def quantizers(self) -> Iterator[tuple[str, Quantizer]]:
         """(slot name, quantizer) for every non-None quantizer of this module."""
         for name, child in self.named_children():
-            if isinstance(child, QuantizerBase):
+            if isinstance(child, Quantizer):
                 yield name, child
 
     @staticmethod
@@ -54,7 +53,11 @@ class QuantModule(nn.Module):
 
 
 class QuantLinear(QuantModule):
-    """``F.linear(aq(x), wq(weight), bias)``; ``weight``/``bias`` keep nn.Linear's names."""
+    """``F.linear(aq(x), wq(weight), bias) [+ side(aq(x))]``; ``weight``/``bias`` keep nn.Linear's names.
+
+    ``side`` is an optional plain submodule fed the quantized input (the same QDrop draw) whose
+    output is added in ``QuantMode.QUANT`` (e.g. AIQViT's low-rank side branch); None by default.
+    """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None,
                  w_quantizer: Quantizer | None, a_quantizer: Quantizer | None) -> None:
@@ -64,6 +67,7 @@ class QuantLinear(QuantModule):
         self.bias = bias
         self.w_quantizer = w_quantizer
         self.a_quantizer = a_quantizer
+        self.side: nn.Module | None = None
 
     @classmethod
     def from_float(cls, linear: nn.Linear, w_quantizer: Quantizer | None,
@@ -74,7 +78,10 @@ class QuantLinear(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._apply_q(self.a_quantizer, x, self.mode)
         w = self._apply_q(self.w_quantizer, self.weight, self.mode)
-        return F.linear(x, w, self.bias)
+        y = F.linear(x, w, self.bias)
+        if self.side is not None and self.mode == QuantMode.QUANT:
+            y = y + self.side(x)
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
@@ -148,7 +155,7 @@ def quant_modules(model: nn.Module) -> Iterator[tuple[str, QuantModule]]:
 def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
     """(qualified name, quantizer) of every quantizer in the model, in forward order."""
     for name, m in model.named_modules():
-        if isinstance(m, QuantizerBase):
+        if isinstance(m, Quantizer):
             yield name, m
 
 

@@ -15,7 +15,8 @@ preset         what it is
 ``qdrop``      ``mse`` calibration, then block reconstruction with the MSE loss and QDrop
 ``brecq``      the same with BRECQ's squared-gradient Fisher loss (FIMA-Q's ablation baseline)
 ``fimaq-diag`` the same with FIMA-Q's diagonal Fisher loss (linear in the KL gradient)
-``fimaq-lowrank``  the same with FIMA-Q's rank-k Fisher term alone
+``fimaq-lowrank``  the same with the official code's ``fisher_lr`` (rank-one terms, no inverse)
+``fimaq-dplr-lowrank``  the same with DPLR's rank-k term alone (``G^T (D D^T)^-1 G``), no diagonal
 ``fimaq``      FIMA-Q: the diagonal-plus-low-rank (DPLR) Fisher loss (the paper's method)
 ``fimaq+dfq``  FIMA-Q with AIQViT's dynamic focusing quantizer (learned [b1, b2]) on post-softmax attention
 ``aiqvit``     AIQViT on its own base: RepQ-ViT calibration, MSE reconstruction without AdaRound,
@@ -26,20 +27,31 @@ preset         what it is
 
 Reconstruction presets use the paper's budget (20,000 iterations per block, 1024 optimisation
 images, batch 32, k=5, T=20, QDrop 0.5); lower ``iters`` for a quick run.
+
+Overrides are plain ``dataclasses.replace`` calls: top-level fields by name, nested configs as
+dicts of their fields (or whole config objects)::
+
+    get_recipe("fimaq", w_bits=3, reconstruction={"iters": 500, "rank": 15})
+    get_recipe("fimaq+dfq", softmax_options={"granularity": "head"})
+    get_recipe("aiqvit", softmax_quantizer="uniform", aiq={"curriculum": False})
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, fields
+import dataclasses
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .adapters import QuantSpec
-from .aiqvit import AIQConfig
 from .calibration import CalibConfig
 from .errors import VitqError
+from .methods.aiqvit import AIQConfig
 from .quantizers import validate_bits
 from .reconstruction import ReconConfig
+
+# nested configs: the Recipe field and its dataclass
+_NESTED = {"calibration": CalibConfig, "reconstruction": ReconConfig, "aiq": AIQConfig}
 
 
 @dataclass
@@ -53,9 +65,8 @@ class Recipe:
     head_a_bits: int | None = None
     patch_embed_w_bits: int | None = None
     quant_image_input: bool = False
-    softmax_quantizer: str = "uniform"
-    dfq_granularity: str = "layer"
-    dfq_below: str = "clip"
+    softmax_quantizer: str = "uniform"   # uniform | log2 | logsqrt2 | dfq (AIQViT's learned interval)
+    softmax_options: dict[str, Any] = field(default_factory=dict)  # e.g. dfq: granularity, below, init
     matmul_granularity: str = "head"
     calib_size: int = 128
     seed: int = 0
@@ -74,13 +85,11 @@ class Recipe:
 
     def quant_spec(self) -> QuantSpec:
         """The :class:`QuantSpec` that ``prepare`` needs."""
-        dfq = self.aiq is not None and self.aiq.dfq
         return QuantSpec(
             w_bits=self.w_bits, a_bits=self.a_bits, head_w_bits=self.head_w_bits, head_a_bits=self.head_a_bits,
             patch_embed_w_bits=self.patch_embed_w_bits, quant_image_input=self.quant_image_input,
-            softmax_quantizer="dfq" if dfq else self.softmax_quantizer,
-            dfq_granularity=self.aiq.dfq_granularity if dfq else self.dfq_granularity,
-            dfq_below=self.aiq.dfq_below if dfq else self.dfq_below, matmul_granularity=self.matmul_granularity,
+            softmax_quantizer=self.softmax_quantizer, softmax_options=dict(self.softmax_options),
+            matmul_granularity=self.matmul_granularity,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,18 +107,21 @@ PRESETS: dict[str, Recipe] = {
     "brecq": Recipe(name="brecq", reconstruction=ReconConfig(loss="brecq")),
     "fimaq-diag": Recipe(name="fimaq-diag", reconstruction=ReconConfig(loss="fimaq_diag")),
     "fimaq-lowrank": Recipe(name="fimaq-lowrank", reconstruction=ReconConfig(loss="fimaq_lowrank")),
+    "fimaq-dplr-lowrank": Recipe(name="fimaq-dplr-lowrank", reconstruction=ReconConfig(loss="fimaq_dplr_lowrank")),
     "fimaq": Recipe(name="fimaq", reconstruction=ReconConfig(loss="fimaq_dplr")),
     "fimaq+dfq": Recipe(name="fimaq+dfq", softmax_quantizer="dfq", reconstruction=ReconConfig(loss="fimaq_dplr")),
     # AIQViT on its own base (aiqvit.md §1.2): RepQ-ViT quantizers, block reconstruction with the MSE
     # loss on the quantized-prefix input, weights frozen (no AdaRound) and corrected only through
     # the low-rank factors, DFQ on post-softmax attention, searched ranks, curriculum.
-    "aiqvit": Recipe(name="aiqvit", calibration=CalibConfig(method="repq", reparam=True, token_wise=False),
+    "aiqvit": Recipe(name="aiqvit", softmax_quantizer="dfq",
+                     calibration=CalibConfig(method="repq", reparam=True, token_wise=False),
                      reconstruction=ReconConfig(loss="mse", adaround=False, input_mode="qinp", iters=1000,
                                                 learn_act_scales=False),
                      aiq=AIQConfig()),
     "fimaq+lrc": Recipe(name="fimaq+lrc", reconstruction=ReconConfig(loss="fimaq_dplr"),
-                        aiq=AIQConfig(dfq=False, curriculum=False)),
-    "fimaq+aiq": Recipe(name="fimaq+aiq", reconstruction=ReconConfig(loss="fimaq_dplr"), aiq=AIQConfig()),
+                        aiq=AIQConfig(curriculum=False)),
+    "fimaq+aiq": Recipe(name="fimaq+aiq", softmax_quantizer="dfq", reconstruction=ReconConfig(loss="fimaq_dplr"),
+                        aiq=AIQConfig()),
 }
 
 
@@ -117,12 +129,38 @@ def recipe_names() -> list[str]:
     return sorted(PRESETS)
 
 
-def get_recipe(recipe: str | Recipe, **overrides: Any) -> Recipe:
-    """A copy of a preset (or of ``recipe``) with ``overrides`` applied.
+def _with_stage(name: str, recipe: Recipe) -> str:
+    return ", ".join(n for n in recipe_names() if getattr(PRESETS[n], name) is not None)
 
-    Overrides name a :class:`Recipe` field (``w_bits=3``), a reconstruction field (``iters=500``,
-    ``rank=15``, ``batch_size=32``), a calibration field (``eq_n=64``; its batch is
-    ``calib_batch_size``) or an AIQViT field with an ``aiq_`` prefix (``aiq_lrc_mode="side"``). ``None`` values are ignored so CLI defaults pass through.
+
+def _replace_nested(recipe: Recipe, name: str, value: Any) -> Any:
+    """The new value of nested config ``name``: a dict of its fields is merged into the current one."""
+    cls = _NESTED[name]
+    if value is None or isinstance(value, cls):
+        return copy.deepcopy(value)
+    if not isinstance(value, dict):
+        raise VitqError(f"{name} must be a {cls.__name__}, a dict of its fields or None, got {type(value).__name__}")
+    current = getattr(recipe, name)
+    if current is None:
+        if name == "calibration":
+            current = CalibConfig()
+        else:
+            raise VitqError(f"recipe {recipe.name!r} has no {name} stage, so {', '.join(value)} cannot be set: "
+                            f"use one of {_with_stage(name, recipe)}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise VitqError(f"unknown {name} option {unknown[0]!r}: choose from {', '.join(sorted(known))}")
+    return dataclasses.replace(current, **value)
+
+
+def get_recipe(recipe: str | Recipe, **overrides: Any) -> Recipe:
+    """A copy of a preset (or of ``recipe``) with ``overrides`` applied (``dataclasses.replace``).
+
+    Top-level :class:`Recipe` fields by name (``w_bits=3``); nested configs (``calibration``,
+    ``reconstruction``, ``aiq``) as a dict of the fields to change or a whole config object.
+    ``None`` values are ignored so CLI defaults pass through; to drop a stage, use
+    ``dataclasses.replace(recipe, aiq=None)``. The preset is never mutated.
     """
     if isinstance(recipe, Recipe):
         base = copy.deepcopy(recipe)
@@ -130,51 +168,23 @@ def get_recipe(recipe: str | Recipe, **overrides: Any) -> Recipe:
         if recipe not in PRESETS:
             raise VitqError(f"unknown recipe {recipe!r}: choose one of {', '.join(recipe_names())}")
         base = copy.deepcopy(PRESETS[recipe])
-    top = {f.name for f in fields(Recipe)} - {"calibration", "reconstruction", "aiq"}
-    recon_fields = {f.name for f in fields(ReconConfig)}
-    calib_fields = {f.name for f in fields(CalibConfig)}
-    aiq_fields = {f.name for f in fields(AIQConfig)}
-    aiq_values: dict[str, Any] = {}
-    top_values: dict[str, Any] = {}
-    recon_values: dict[str, Any] = {}
-    calib_values: dict[str, Any] = {}
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    changes: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None:
             continue
-        if key in top:
-            top_values[key] = value
-        elif key == "calib_batch_size":
-            calib_values["batch_size"] = value
-        elif key.startswith("aiq_") and key[4:] in aiq_fields:
-            if base.aiq is None:
-                raise VitqError(f"recipe {base.name!r} has no AIQViT stage, so {key!r} does not apply: "
-                                f"use one of {', '.join(n for n in recipe_names() if PRESETS[n].aiq)}")
-            aiq_values[key[4:]] = value
-        elif key in recon_fields:
-            if base.reconstruction is None:
-                raise VitqError(f"recipe {base.name!r} has no reconstruction stage, so {key!r} does not apply: "
-                                f"use one of {', '.join(n for n in recipe_names() if PRESETS[n].reconstruction)}")
-            recon_values[key] = value
-        elif key in calib_fields:
-            calib_values[key] = value
-        else:
-            raise VitqError(f"unknown recipe option {key!r}")
-    if "seed" in top_values:
-        calib_values.setdefault("seed", top_values["seed"])
-    merged_calib = CalibConfig(**{**asdict(base.calibration), **calib_values})
-    merged_recon = None
-    if base.reconstruction is not None:
-        merged_recon = ReconConfig(**{**asdict(base.reconstruction), **recon_values})
-    merged_aiq = AIQConfig(**{**asdict(base.aiq), **aiq_values}) if base.aiq is not None else None
-    return Recipe(**{**{f.name: getattr(base, f.name) for f in fields(Recipe)}, **top_values,
-                     "calibration": merged_calib, "reconstruction": merged_recon, "aiq": merged_aiq})
+        if key not in known:
+            raise VitqError(f"unknown recipe option {key!r}: choose from {', '.join(sorted(known))}")
+        changes[key] = _replace_nested(base, key, value) if key in _NESTED else value
+    return dataclasses.replace(base, **changes)
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Rebuild a recipe saved with :meth:`Recipe.to_dict`."""
     data = dict(data)
-    calib = CalibConfig(**data.pop("calibration", {}))
-    recon = data.pop("reconstruction", None)
-    aiq = data.pop("aiq", None)
-    return Recipe(**data, calibration=calib, reconstruction=ReconConfig(**recon) if recon else None,
-                  aiq=AIQConfig(**aiq) if aiq else None)
+    nested = {name: data.pop(name, None) for name in _NESTED}
+    try:
+        return Recipe(**data, **{name: (cls(**nested[name]) if nested[name] else None) if name != "calibration"
+                                 else cls(**(nested[name] or {})) for name, cls in _NESTED.items()})
+    except TypeError as exc:
+        raise VitqError(f"this recipe was saved by another vitq version ({exc}): quantize the model again") from None

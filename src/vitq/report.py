@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
-import threading
+import resource
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -50,53 +49,78 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     atomic_write_bytes(Path(path), lambda fh: fh.write(payload))
 
 
-def _rss_mb() -> float:
-    """Resident memory of this process in MB (Linux /proc; 0 elsewhere)."""
+def _peak_rss_mb() -> float:
+    """The process's resident-memory high-water mark in MB (since the last reset)."""
     try:
-        with open("/proc/self/statm") as fh:
-            pages = int(fh.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
 
 
-class _PeakSampler:
-    """Samples resident memory in a thread; the peak over a stage is what a report wants."""
+def _reset_peak_rss() -> bool:
+    """Restart the high-water mark at the current resident size (Linux >= 4.0); False if impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.peak = interval, _rss_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, _rss_mb())
+class PeakMemory:
+    """Peak memory of a stretch of work: the process's resident high-water mark on CPU (the kernel
+    keeps it; no sampling thread), plus the allocator's peak on CUDA.
 
-    def __enter__(self) -> "_PeakSampler":
-        self._thread.start()
+    Contexts nest: the kernel's mark is restarted when one opens, so every open context first
+    takes in the peak so far.
+    """
+
+    _open: list["PeakMemory"] = []  # the process's mark is global, so are the contexts watching it
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.peak = 0.0
+        self.cuda_peak: float | None = None
+
+    def _take_in(self) -> None:
+        now = _peak_rss_mb()
+        for ctx in PeakMemory._open:
+            ctx.peak = max(ctx.peak, now)
+
+    def __enter__(self) -> "PeakMemory":
+        self._take_in()
+        if not _reset_peak_rss():
+            self.peak = _peak_rss_mb()  # no reset possible: the lifetime peak is an upper bound
+        PeakMemory._open.append(self)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_mb())
+        self._take_in()
+        PeakMemory._open.remove(self)
+        if self.device.type == "cuda":
+            self.cuda_peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+
+    def summary(self) -> dict[str, float]:
+        out = {"peak_mem_mb": round(self.peak, 1)}
+        if self.cuda_peak is not None:
+            out["peak_cuda_mem_mb"] = round(self.cuda_peak, 1)
+        return out
 
 
 @contextmanager
 def stage(stages: dict[str, dict[str, float]], name: str, device: torch.device | str = "cpu") -> Iterator[None]:
     """Record the wall time and peak memory of a block of work into ``stages[name]``.
 
-    On CUDA the peak is the allocator's peak of that device; on CPU, the peak
-    resident memory of the process during the stage.
+    On CPU the peak resident memory of the process during the stage; on CUDA also the
+    allocator's peak of that device.
     """
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    with _PeakSampler() as sampler:
+    with PeakMemory(device) as mem:
         yield
-    entry = {"seconds": round(time.perf_counter() - t0, 3), "peak_mem_mb": round(sampler.peak, 1)}
-    if cuda:
-        entry["peak_cuda_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    stages[name] = entry
+    stages[name] = {"seconds": round(time.perf_counter() - t0, 3), **mem.summary()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
@@ -27,8 +26,11 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Fix every random generator vitq uses, so the same command gives the same numbers."""
+    """Fix every random generator vitq uses, so the same command gives the same numbers.
+
+    (Python's string hashing is fixed at interpreter start, so setting PYTHONHASHSEED here would
+    do nothing; vitq's results do not depend on set iteration order.)
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))

@@ -12,11 +12,12 @@
   ``fixed``, by the SVD-energy rule (``energy``), or by a first-order DARTS search over the
   candidate ranks on a train/val split of the images (``search``) that runs before the
   fine-tuning iterations of the block;
-* the DFQ bounds (post-softmax) are learned by the engine itself when the recipe's softmax
-  quantizer is ``dfq``.
+* the DFQ bounds (post-softmax) are an ordinary quantizer's ``interval`` group, learned by the
+  engine itself when the recipe's softmax quantizer is ``dfq``.
 
 After the last block, merged compensation is folded into the weights (``W <- W + BA``), so the
-model is an ordinary quantized model; side branches stay attached and are saved with the model.
+model is an ordinary quantized model; side branches stay attached and are saved with the model
+(reload them with :func:`~vitq.methods.aiqvit.restore_side_branches`).
 """
 
 from __future__ import annotations
@@ -27,24 +28,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .adapters import layer_role
-from .aiqvit import (AIQConfig, LowRankFactors, arch_parameters, attach_lowrank, curriculum_order,
-                     curriculum_pool_size, detach_lowrank, energy_rank, find_lowrank, first_order_darts_step,
-                     lowrank_modules, lowrank_parameters, make_arch_optimizer, project_dfq_, sample_batch,
-                     sample_difficulty, search_split)
-from .losses import lp_loss
-from .qmodules import QuantLinear
-from .reconstruction import BlockContext, BlockExtension
-
-
-def _nearest_error(layer: QuantLinear) -> torch.Tensor:
-    """``W - Q(W)`` with nearest rounding on the layer's weight grid (AdaRound or uniform)."""
-    q = layer.w_quantizer
-    w = layer.weight.detach()
-    scale, zp = q.scale.detach(), torch.round(q.zero_point.detach())
-    lo, hi = (q.qmin, q.qmax) if hasattr(q, "qmin") else q.quant_range()
-    w_hat = (torch.clamp(torch.round(w / scale) + zp, lo, hi) - zp) * scale
-    return w - w_hat
+from ...adapters import layer_role
+from ...losses import lp_loss
+from ...qmodules import QuantLinear, iter_quantizers
+from ...reconstruction import BlockContext, BlockExtension
+from .config import AIQConfig
+from .curriculum import curriculum_order, curriculum_pool_size, sample_batch, sample_difficulty
+from .factors import LowRankFactors
+from .lowrank import (LowRankDelta, attach_lowrank, find_lowrank, fold_merged, lowrank_modules,
+                      lowrank_parameters, nearest_rounding_error)
+from .rank_search import (arch_parameters, energy_rank, first_order_darts_step, make_arch_optimizer,
+                          search_split)
 
 
 @torch.no_grad()
@@ -54,17 +48,23 @@ def _input_rms(block: nn.Module, layers: list[tuple[str, QuantLinear]], x: torch
     counts: dict[str, int] = {}
     handles = []
     for name, layer in layers:
-        def hook(_m: nn.Module, inputs: tuple, name: str = name) -> None:
+        def record(_m: nn.Module, inputs: tuple, name: str = name) -> None:
             t = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
             sums[name] = sums.get(name, 0) + t.pow(2).sum(0)
             counts[name] = counts.get(name, 0) + t.shape[0]
-        handles.append(layer.register_forward_pre_hook(hook))
+        handles.append(layer.register_forward_pre_hook(record))
     try:
         block(x)
-    finally:
+    finally:  # a measurement only: the hooks never outlive this call
         for h in handles:
             h.remove()
     return {name: (sums[name] / counts[name]).sqrt() for name in sums}
+
+
+def _project_quantizers(block: nn.Module) -> None:
+    """Every quantizer of the block back into its valid range (e.g. DFQ's 0 <= b1 < b2 <= 1)."""
+    for _, q in iter_quantizers(block):
+        q.project_()
 
 
 class AIQViTExtension(BlockExtension):
@@ -74,12 +74,13 @@ class AIQViTExtension(BlockExtension):
         self.cfg = cfg
         self.order: torch.Tensor | None = None
         self.iters = 0
+        self.search_seconds = 0.0
 
     # ---------------------------------------------------------------- helpers
     def _layers(self, ctx: BlockContext) -> list[tuple[str, QuantLinear]]:
         out = []
         for sub, m in ctx.block.named_modules():
-            if not isinstance(m, QuantLinear) or getattr(m, "w_quantizer", None) is None:
+            if not isinstance(m, QuantLinear) or m.w_quantizer is None:
                 continue
             full = f"{ctx.name}.{sub}" if sub else ctx.name
             try:
@@ -118,11 +119,11 @@ class AIQViTExtension(BlockExtension):
                 weight_opt.zero_grad(set_to_none=True)
                 self._loss(ctx, draw(train_idx)).backward()
                 weight_opt.step()
-                project_dfq_(ctx.block)
+                _project_quantizers(ctx.block)
                 continue
             first_order_darts_step(lambda: self._loss(ctx, draw(train_idx)), lambda: self._loss(ctx, draw(val_idx)),
                                    weight_opt, arch_opt, lowranks, cfg.size_penalty, ref,
-                                   after_weight_step=lambda: project_dfq_(ctx.block))
+                                   after_weight_step=lambda: _project_quantizers(ctx.block))
         for lr in lowranks:
             lr.discretise(reinit=cfg.reinit_after_search, generator=ctx.gen)
 
@@ -142,23 +143,25 @@ class AIQViTExtension(BlockExtension):
             return []
         layers = self._layers(ctx)
         rms = _input_rms(ctx.block, layers, ctx.x_fp[:256].to(ctx.device)) if cfg.lrc_act_scaled else {}
+        # factor precision is a side-branch setting: merged factors are folded into the k-bit weight
+        factor_bits = cfg.factor_bits if cfg.lrc_mode == "side" else None
         lowranks = []
         for name, layer in layers:
             d_out, d_in = layer.weight.shape
             candidates = cfg.rank_candidates(d_in, d_out)
             common = dict(tau=cfg.tau, supernet=cfg.supernet, init=cfg.lrc_init, act_rms=rms.get(name),
-                          factor_bits=cfg.factor_bits, generator=ctx.gen)
+                          factor_bits=factor_bits, generator=ctx.gen)
             if cfg.rank_policy == "search" and max(candidates) > 0:
                 lowranks.append(attach_lowrank(layer, cfg.lrc_mode, candidates=candidates, **common))
                 continue
             if cfg.rank_policy == "energy":
-                rank = energy_rank(_nearest_error(layer), candidates, cfg.energy, rms.get(name))
+                rank = energy_rank(nearest_rounding_error(layer), candidates, cfg.energy, rms.get(name))
             elif cfg.rank_policy == "fixed":
                 rank = min(cfg.fixed_rank, min(d_in, d_out))
             else:
                 rank = 0
             lowranks.append(attach_lowrank(layer, cfg.lrc_mode, rank=rank, **common))
-        searching = [lr for lr in lowranks if lr.alpha is not None]
+        searching = [lr for lr in lowranks if lr.searching]
         if searching:
             t0 = time.perf_counter()
             self._search(ctx, searching)
@@ -187,17 +190,19 @@ class AIQViTExtension(BlockExtension):
                 "curriculum": self.order is not None}
 
     def restore_block(self, model: nn.Module, name: str, block: nn.Module, summary: dict[str, Any]) -> None:
+        factor_bits = self.cfg.factor_bits if self.cfg.lrc_mode == "side" else None
         for layer_name, rank in summary.get("lrc_ranks", {}).items():
             lr = attach_lowrank(model.get_submodule(layer_name), self.cfg.lrc_mode, rank=rank, init="lora",
-                                factor_bits=self.cfg.factor_bits)
+                                factor_bits=factor_bits)
             for p in (lr.A, lr.B):
                 p.requires_grad_(False)
 
     def finalize(self, model: nn.Module) -> dict[str, Any]:
+        """Fold merged compensation (W <- W + BA, before the engine folds AdaRound); list side branches."""
         side = {}
         for name, lr in lowrank_modules(model):
-            if self.cfg.lrc_mode == "merged":
-                detach_lowrank(model.get_submodule(name), fold=True)  # W <- W + BA: no inference cost
+            if isinstance(lr, LowRankDelta):
+                fold_merged(model.get_submodule(name))  # no inference cost left
             else:
                 side[name] = lr.rank
         return {"lrc_side_ranks": side} if side else {}

@@ -1,0 +1,269 @@
+"""FIMA-Q's MSE search (fimaq.md §1.3, §2.6): (scale, zero-point) candidate grids scored on the layer output."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..qmodules import QuantConv2d, QuantLinear, QuantMatMul
+from ..quantizers import UniformQuantizer
+from .config import CalibConfig
+from ..quantizers.uniform import params_from_range
+from .stats import _quantile, _subsample_rows, fake_quant, init_percentile_search
+
+
+def _grid(lo_q: torch.Tensor, hi_q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, eq_n: int
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FIMA-Q's (scale, zero point) candidate grid, vectorised over leading rows.
+
+    ``lo_q/hi_q`` are the 10%/90% quantiles and ``lo/hi`` the min/max, each of shape (R,).
+    Scales: S points from ``(q90-q10)/L`` to ``(max-min)/L``; zero points: all of 0..L when
+    ``2^b <= 16`` (the official grid), else 16 integers around the zero point that centres the
+    code window on the data's midpoint (the official grid assumes the midpoint is 0, which
+    confines 6-bit zero points to 24..39 even for skewed post-GELU inputs). Returns (scales, zero points), each (R, S*Z).
+    """
+    qmax = 2 ** bits - 1
+    n_zp = min(16, 2 ** bits)
+    n_scale = max(2, eq_n // n_zp)  # at least both ends of the scale range
+    frac = torch.linspace(0, 1, n_scale, device=lo.device)
+    range_min, range_max = (hi_q - lo_q).clamp(min=1e-8), (hi - lo).clamp(min=1e-8)
+    scales = (range_min[:, None] + frac[None] * (range_max - range_min)[:, None]) / qmax  # (R, S)
+    scales = scales.clamp(min=1e-4 if lo.numel() == 1 else 1e-8)
+    if 2 ** bits <= 16:
+        zps = torch.arange(qmax + 1, device=lo.device, dtype=torch.float32)[None, None].expand(
+            lo.shape[0], n_scale, -1)
+    else:
+        # centre the code window on the data's midpoint (the official grid centres it on 0);
+        # at the widest scale this is exactly -min/s
+        centre = torch.round(qmax / 2 - (lo + hi)[:, None] / (2 * scales))  # (R, S)
+        offsets = torch.arange(n_zp, device=lo.device, dtype=torch.float32) - n_zp // 2
+        zps = centre[..., None] + offsets
+    scales = scales[..., None].expand_as(zps)
+    return scales.reshape(lo.shape[0], -1), zps.reshape(lo.shape[0], -1)
+
+
+def _row_candidates(w2d: torch.Tensor, bits: int, eq_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output row of a weight (R, K): the grid from the row's 10/90% quantiles and range."""
+    lo, hi = w2d.amin(1), w2d.amax(1)
+    qs = _quantile(w2d.t(), [0.1, 0.9], dim=1)  # (2, R): quantiles over each row's K values
+    return _grid(qs[0], qs[1], lo, hi, bits, eq_n)
+
+
+def _tensor_candidates(x: torch.Tensor, bits: int, eq_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q = _quantile(x, [0.1, 0.9, 0.0, 1.0])
+    s, z = _grid(q[0:1], q[1:2], x.amin().reshape(1), x.amax().reshape(1), bits, eq_n)
+    return s[0], z[0]
+
+
+def _channel_candidates(x2d: torch.Tensor, bits: int, eq_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per input channel (columns of (tokens, C))."""
+    q = _quantile(x2d, [0.1, 0.9], dim=1)
+    return _grid(q[0], q[1], x2d.amin(0), x2d.amax(0), bits, eq_n)
+
+
+def _best_self(t: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmax: int, dim: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per index along ``dim`` of a 2-D ``t``, the (scale, zp) candidate with the lowest self-MSE.
+
+    ``dim=0``: one candidate set per row (weights, cands (R, C)); ``dim=1``: per column
+    (input channels of (tokens, C), cands (C, K)).
+    """
+    view = (lambda v: v[:, None]) if dim == 0 else (lambda v: v)
+    errs = torch.stack([(fake_quant(t, view(scales[:, c]), view(zps[:, c]), qmax) - t).pow(2).sum(1 - dim)
+                        for c in range(scales.shape[1])], dim=1)
+    best = errs.argmin(1)
+    idx = torch.arange(t.shape[dim], device=t.device)
+    return scales[idx, best], zps[idx, best]
+
+
+def _best_tensor_self(x: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmax: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    errs = torch.stack([(fake_quant(x, scales[c], zps[c], qmax) - x).pow(2).sum() for c in range(len(scales))])
+    best = int(errs.argmin())
+    return scales[best].reshape(1), zps[best].reshape(1)
+
+
+def _activation_output_errors(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor, scales: torch.Tensor,
+                              zps: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``||x W^T - Q_c(x) W_hat^T||^2`` for every per-tensor input candidate c.
+
+    Written through the errors, ``R = x (W - W_hat)^T`` and ``E_c = Q_c(x) - x``:
+    ``||R - E_c W_hat^T||^2 = ||R||^2 - 2<R W_hat, E_c> + <E_c W_hat^T W_hat, E_c>``. Every term is
+    of the size of the error itself (no cancellation in float32), and a candidate costs
+    ``N * in * min(in, out)`` instead of ``N * in * out``.
+    """
+    r = x @ (w - w_hat).t()
+    use_gram = w.shape[1] <= w.shape[0]  # in <= out: go through the (in x in) Gram matrix
+    if use_gram:
+        gram = w_hat.t() @ w_hat
+        rw = r @ w_hat
+    errs = []
+    for c in range(len(scales)):
+        e = fake_quant(x, scales[c], zps[c], qmax) - x
+        if use_gram:
+            errs.append(((e @ gram) * e).sum() - 2 * (rw * e).sum())
+        else:
+            errs.append((r - e @ w_hat.t()).pow(2).sum())
+    return torch.stack(errs)
+
+
+@torch.no_grad()
+def search_linear_mse(module: QuantLinear, x: torch.Tensor, cfg: CalibConfig, gen: torch.Generator) -> None:
+    """FIMA-Q's linear search: weight rows and the (per-tensor) input, on the layer-output MSE."""
+    wq, aq = module.w_quantizer, module.a_quantizer
+    w = module.weight.detach().float()
+    w2d = w.reshape(w.shape[0], -1)
+    x2d = x.reshape(-1, x.shape[-1]).float()
+    xs = _subsample_rows(x2d, cfg.max_search_tokens, gen)
+
+    # 1) "self" searches
+    if wq is not None:
+        if wq.granularity == "channel":
+            w_s, w_z = _row_candidates(w2d, wq.bits, cfg.eq_n)
+            best_s, best_z = _best_self(w2d, w_s, w_z, wq.quant_range()[1], dim=0)
+            wq.set_params(best_s[:, None], best_z[:, None])
+        else:
+            s, z = _tensor_candidates(w2d, wq.bits, cfg.eq_n)
+            wq.set_params(*_best_tensor_self(w2d, s, z, wq.quant_range()[1]))
+    if aq is not None:
+        a_s, a_z = _tensor_candidates(xs, aq.bits, cfg.eq_n)
+        aq.set_params(*_best_tensor_self(xs, a_s, a_z, aq.quant_range()[1]))
+
+    # 2) coordinate descent on the output MSE
+    for _ in range(cfg.search_rounds):
+        if wq is not None and wq.granularity == "channel":
+            # ||X w - X_hat w_hat||^2 = const - 2 w X^T X_hat w_hat + w_hat X_hat^T X_hat w_hat, per row.
+            # float64: at 8 bits the candidates differ far below float32's resolution of these terms.
+            x_hat = (aq(x2d) if aq is not None else x2d).double()
+            h1 = x_hat.t() @ x_hat
+            wh2 = w2d.double() @ (x2d.double().t() @ x_hat)
+            qmax = wq.quant_range()[1]
+            errs = []
+            for c in range(w_s.shape[1]):
+                w_hat = fake_quant(w2d, w_s[:, c:c + 1], w_z[:, c:c + 1], qmax).double()
+                errs.append(((w_hat @ h1) * w_hat).sum(1) - 2 * (wh2 * w_hat).sum(1))
+            best = torch.stack(errs, 1).argmin(1)
+            rows = torch.arange(w2d.shape[0], device=w2d.device)
+            wq.set_params(w_s[rows, best][:, None], w_z[rows, best][:, None])
+        if aq is not None:
+            w_hat = wq(w).reshape_as(w2d) if wq is not None else w2d
+            best = int(_activation_output_errors(xs, w2d, w_hat, a_s, a_z, aq.quant_range()[1]).argmin())
+            aq.set_params(a_s[best].reshape(1), a_z[best].reshape(1))
+
+
+def _matmul_candidates(t: torch.Tensor, q: UniformQuantizer, eq_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper/lower bound candidates per head (fimaq.md §2.6), shape (eq_n, *stat_shape)."""
+    _, axis = q._reduce_dims(t)
+    shape = q._stat_shape(t)
+    qs = _quantile(t, [0.99, 0.99999, 0.01, 0.00001], axis)
+    frac = torch.arange(eq_n, device=t.device, dtype=torch.float32)[:, None] / eq_n
+    upper = qs[0][None] + frac * (qs[1] - qs[0])[None]
+    lower = qs[3][None] + frac * (qs[2] - qs[3])[None]
+    return upper.reshape(eq_n, *shape), lower.reshape(eq_n, *shape)
+
+
+@torch.no_grad()
+def search_matmul_mse(module: QuantMatMul, a: torch.Tensor, b: torch.Tensor, cfg: CalibConfig,
+                      gen: torch.Generator) -> None:
+    """FIMA-Q's matmul search: paired bound candidates, then coordinate descent, per head."""
+    n = a.shape[0]
+    keep = n if cfg.max_search_samples is None else min(n, cfg.max_search_samples)
+    if cfg.max_search_elements is not None:
+        per_sample = math.prod(a.shape[1:-1]) * b.shape[-1]  # elements of one sample's a @ b
+        keep = min(keep, max(1, cfg.max_search_elements // per_sample))
+    if keep < n:
+        idx = torch.randperm(n, generator=gen)[:keep].to(a.device)
+        a, b = a[idx], b[idx]
+    a, b = a.float(), b.float()
+    ref = a @ b
+    ops = {"a": (module.a_quantizer, a), "b": (module.b_quantizer, b)}
+    bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    choice: dict[str, list[torch.Tensor]] = {}
+    for key, (q, t) in ops.items():
+        if q is None:
+            continue
+        if q.calibrates_itself:  # a quantizer with its own search (e.g. AIQViT's DFQ on attn @ v)
+            q.calibrate_itself(t, partner=b if key == "a" else None)
+            continue
+        if not q.grid_searchable:  # log operands keep their own (self-MSE) initialisation
+            init_percentile_search(q, t)
+            continue
+        up, lo = _matmul_candidates(t, q, cfg.eq_n)
+        bounds[key] = (up, lo)
+        start = torch.full(q._stat_shape(t), cfg.eq_n - 1, dtype=torch.long, device=t.device)
+        choice[key] = [start.clone(), start.clone()]  # [upper index, lower index]
+        _set_bounds(q, up, lo, choice[key])
+
+    def out_err() -> torch.Tensor:
+        qa = module.a_quantizer(a) if module.a_quantizer is not None else a
+        qb = module.b_quantizer(b) if module.b_quantizer is not None else b
+        return (qa @ qb - ref).pow(2)
+
+    def sweep(key: str, which: tuple[int, ...]) -> None:
+        q, t = ops[key]
+        up, lo = bounds[key]
+        red = [d for d in range(t.dim()) if q._stat_shape(t)[d] == 1] if q.granularity != "tensor" else None
+        errs, cand = [], []
+        for i in range(cfg.eq_n):
+            trial = [c.clone() for c in choice[key]]
+            for w in which:
+                trial[w] = torch.full_like(trial[w], i)
+            _set_bounds(q, up, lo, trial)
+            e = out_err()
+            errs.append(e.sum(dim=red, keepdim=True) if red is not None else e.sum().reshape(1))
+            cand.append(trial)
+        errs_t = torch.stack(errs)  # (eq_n, *stat)
+        best = errs_t.argmin(0)
+        for w in which:
+            stacked = torch.stack([c[w] for c in cand])
+            choice[key][w] = torch.gather(stacked, 0, best[None].expand_as(stacked[:1]).reshape(1, *best.shape))[0] \
+                if best.dim() else stacked[int(best)]
+        _set_bounds(q, up, lo, choice[key])
+
+    for key in bounds:
+        sweep(key, (0, 1))                      # paired candidates first
+    for _ in range(cfg.search_rounds):
+        for key in bounds:
+            sweep(key, (1,))                    # fix the upper bound, search the lower
+            sweep(key, (0,))                    # then fix the lower, search the upper
+
+
+def _set_bounds(q: UniformQuantizer, up: torch.Tensor, lo: torch.Tensor, idx: list[torch.Tensor]) -> None:
+    u = torch.gather(up, 0, idx[0][None].expand(1, *idx[0].shape))[0] if up.dim() > 1 else up[idx[0]]
+    l = torch.gather(lo, 0, idx[1][None].expand(1, *idx[1].shape))[0] if lo.dim() > 1 else lo[idx[1]]
+    qmax = q.quant_range()[1]
+    q.set_params(*params_from_range(l, u, qmax))
+
+
+@torch.no_grad()
+def search_conv_mse(module: QuantConv2d, x: torch.Tensor, cfg: CalibConfig) -> None:
+    """Patch-embed weights: per output channel, percentile-clip pairs by the conv-output MSE."""
+    wq = module.w_quantizer
+    if wq is None:
+        return
+    w2d = module.weight.detach().float().reshape(module.weight.shape[0], -1)
+    cols = F.unfold(x.float(), module.kernel_size, module.dilation, module.padding, module.stride)  # (B, K, L)
+    cols = cols.transpose(1, 2).reshape(-1, w2d.shape[1])
+    gram = (cols.t() @ cols).double()
+    n = cfg.eq_n
+    pcts = [0.99 + (0.9999 - 0.99) * math.sqrt(i / (n - 1)) for i in range(n)] + [1.0]
+    qs = _quantile(w2d.t(), pcts + [1 - p for p in pcts], dim=1)  # (2(n+1), rows)
+    upper, lower = qs[: n + 1], qs[n + 1:]
+    qmax = wq.quant_range()[1]
+
+    def errs_for(up: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+        s, z = params_from_range(lo, up, qmax)
+        delta = (fake_quant(w2d, s[:, None], z[:, None], qmax) - w2d).double()
+        return ((delta @ gram) * delta).sum(1)
+
+    errs = torch.stack([errs_for(upper[i], lower[i]) for i in range(n + 1)])
+    rows = torch.arange(w2d.shape[0], device=w2d.device)
+    bu = bl = errs.argmin(0)
+    bl = torch.stack([errs_for(upper[bu, rows], lower[i]) for i in range(n + 1)]).argmin(0)
+    bu = torch.stack([errs_for(upper[i], lower[bl, rows]) for i in range(n + 1)]).argmin(0)
+    s, z = params_from_range(lower[bl, rows], upper[bu, rows], qmax)
+    shape = (-1,) + (1,) * (module.weight.dim() - 1)
+    wq.set_params(s.reshape(shape), z.reshape(shape))
+

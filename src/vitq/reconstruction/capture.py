@@ -1,0 +1,38 @@
+"""Caching what a block sees: its input over the optimisation images, and batched block outputs."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..adapters import block_input_source
+from ..capture import StopForward, run_until_stopped
+
+
+@torch.no_grad()
+def capture_block_input(model: nn.Module, name: str, block: nn.Module, images: torch.Tensor, batch_size: int,
+                        device: torch.device, store: torch.device) -> torch.Tensor:
+    """The input of block ``name`` over ``images`` with the model's current modes."""
+    source, from_output = block_input_source(model, name, block)
+    chunks: list[torch.Tensor] = []
+
+    def pre_hook(_m: nn.Module, inputs: tuple) -> None:
+        chunks.append(inputs[0].detach().to(store))
+        raise StopForward
+
+    def post_hook(_m: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        chunks.append(output.detach().to(store))
+        raise StopForward
+
+    handle = source.register_forward_hook(post_hook) if from_output else source.register_forward_pre_hook(pre_hook)
+    run_until_stopped(model, images, batch_size, device, [handle])
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int, device: torch.device,
+            store: torch.device) -> torch.Tensor:
+    """``fn`` over ``x`` in batches on ``device``, results gathered on ``store``."""
+    return torch.cat([fn(x[i:i + batch_size].to(device)).detach().to(store) for i in range(0, len(x), batch_size)])

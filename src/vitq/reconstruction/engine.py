@@ -1,0 +1,116 @@
+"""The reconstruction driver: every block of a calibrated model in forward order, with resume."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..adapters import is_head_block, reconstruction_blocks
+from ..qmodules import QuantMode, set_mode
+from ..report import PeakMemory
+from . import checkpoint
+from .block import reconstruct_block
+from .capture import batched, capture_block_input
+from .config import FISHER_LOSSES, ReconConfig
+from .extension import BlockExtension
+from .rounding import block_quant_modules, fold_learned_rounding, install_learned_rounding
+
+
+def _restore_finished(model: nn.Module, blocks: list[tuple[str, nn.Module]], done: list[dict[str, Any]],
+                      state: dict[str, torch.Tensor], cfg: ReconConfig, extension: BlockExtension | None) -> None:
+    """Re-create the finished blocks' modules (final learned rounding, an extension's) and load the state."""
+    finished = {d["block"]: d for d in done}
+    for name, block in blocks:
+        if name not in finished:
+            continue
+        if cfg.adaround:
+            for q in install_learned_rounding(block):
+                q.freeze_()
+        if extension is not None:
+            extension.restore_block(model, name, block, finished[name])
+    model.load_state_dict(state)
+
+
+def block_seed(seed: int, index: int) -> int:
+    """The seed of block ``index``: each block's random draws depend only on (seed, index), so a
+    resumed run draws exactly what an uninterrupted one does."""
+    return seed * 100003 + index
+
+
+def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device: torch.device | str = "cpu",
+                seed: int = 0, progress: bool = True, work_dir: str | Path | None = None,
+                run_settings: dict[str, Any] | None = None, extension: BlockExtension | None = None,
+                restart: bool = False) -> dict[str, Any]:
+    """Reconstruct every block of a calibrated model in order; returns the per-block report.
+
+    ``images``: the preprocessed optimisation images. With ``work_dir``, the state after each
+    block is saved atomically there and a later call with the same model, images, settings and
+    package versions resumes after the last finished block; anything else is refused with one
+    line (``restart=True`` discards the old checkpoint instead). ``run_settings`` is what, beside
+    ``cfg`` and ``seed``, identifies the run (the recipe). The global torch RNG is left as it was.
+    """
+    device = torch.device(device)
+    store = device if cfg.keep_on_device else torch.device("cpu")
+    blocks = reconstruction_blocks(model)
+    names = [n for n, _ in blocks]
+    model.eval()
+    folder = Path(work_dir) if work_dir is not None else None
+    key: dict[str, str] = {}
+    done: list[dict[str, Any]] = []
+    if folder is not None:
+        if restart:
+            checkpoint.discard(folder)
+        from dataclasses import asdict
+
+        key = checkpoint.run_key(model, images, {"recon": asdict(cfg), "seed": seed, **(run_settings or {})})
+        saved = checkpoint.load_progress(folder, key)
+        if saved is not None:
+            done, state = saved
+            _restore_finished(model, blocks, done, state, cfg, extension)
+
+    targets = None
+    if cfg.loss in FISHER_LOSSES or cfg.loss == "brecq":
+        set_mode(model, QuantMode.FLOAT)
+        targets = torch.softmax(batched(model, images, cfg.capture_batch_size, device, store) / cfg.temperature, -1)
+    finished = {d["block"] for d in done}
+    todo = [name for name in names if name not in finished]
+    t_start = time.perf_counter()
+    for k, name in enumerate(todo):
+        index = names.index(name)
+        block = blocks[index][1]
+        eta = ""
+        if k > 0:
+            eta = f", ~{(time.perf_counter() - t_start) / k * (len(todo) - k) / 60:.1f} min left"
+        # fork_rng: the per-block seed must not leak into the caller's global RNG
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), PeakMemory(device) as mem:
+            torch.manual_seed(block_seed(seed, index))  # QDrop masks inside the quantizers
+            gen = torch.Generator().manual_seed(block_seed(seed, index))
+            t0 = time.perf_counter()
+            set_mode(model, QuantMode.FLOAT)
+            x_fp = capture_block_input(model, name, block, images, cfg.capture_batch_size, device, store)
+            for other in names[:index]:
+                if not is_head_block(model, other):
+                    for m in block_quant_modules(model.get_submodule(other)):
+                        m.mode = QuantMode.QUANT
+            x_q = x_fp if index == 0 else capture_block_input(model, name, block, images, cfg.capture_batch_size,
+                                                               device, store)
+            summary = reconstruct_block(model, name, block, x_fp, x_q, targets, cfg, device, gen, progress,
+                                        desc=f"block {index + 1}/{len(blocks)} {name}{eta}", extension=extension)
+            summary["seconds"] = round(time.perf_counter() - t0, 3)
+            del x_fp, x_q
+        summary.update(mem.summary())
+        done.append(summary)
+        if folder is not None:
+            checkpoint.save_progress(folder, key, done, model)
+        if progress:
+            tqdm.write(f"  {name}: {summary['seconds']:.1f}s, rec loss {summary['final_rec_loss']:.4f}, "
+                       f"output MSE {summary['output_mse_fp_input']:.5f}")
+    final = extension.finalize(model) if extension is not None else {}
+    fold_learned_rounding(model)
+    set_mode(model, QuantMode.QUANT)
+    return {"blocks": done, "seconds": round(sum(d["seconds"] for d in done), 3), **final}
