@@ -242,16 +242,21 @@ def main() -> None:
     # the loss names changed meaning in the redesign (vitq.reconstruction.config.LOSSES): the old
     # 'fimaq-lowrank' cells computed what is now 'fimaq-dplr-lowrank'; the old identity form
     # rescaled the diagonal too, so it matches no form of today and is kept only as history
+    def retire(key: str) -> dict:
+        results.setdefault("retired_keys", []).append(key)
+        return results["cells"].pop(key)
+
     old = [k for k, c in results["cells"].items() if c.get("schema") != SCHEMA]
     for key in [k for k in old if k.startswith("fimaq-lowrank-")]:
-        cell = results["cells"].pop(key)
+        cell = retire(key)
         new_key = "fimaq-dplr-lowrank-" + key[len("fimaq-lowrank-"):]
         results["cells"][new_key] = {**cell, "recipe": "fimaq-dplr-lowrank", "renamed_from": key}
     for key in [k for k in old if k.endswith("-lowrank_formidentity")]:
-        results.setdefault("before_redesign", {})[key] = results["cells"].pop(key)
+        results.setdefault("before_redesign", {})[key] = retire(key)
     for key in args.remeasure:
         if key in results["cells"]:
-            results.setdefault("before_redesign", {})[key] = results["cells"].pop(key)
+            results.setdefault("before_redesign", {})[key] = retire(key)
+    results["retired_keys"] = sorted(set(results.get("retired_keys", [])))
 
     todo = [c for c in cells(args.groups, args.iters) if cell_key(c) not in results["cells"]]
     if todo:
@@ -262,6 +267,8 @@ def main() -> None:
         for i, c in enumerate(todo):
             t0 = time.time()
             results["cells"][cell_key(c)] = run_cell(c, fp_model, loader, args.work)
+            if cell_key(c) in results["retired_keys"]:  # measured anew: other sweeps may merge it again
+                results["retired_keys"].remove(cell_key(c))
             save()
             print(f"[{i + 1}/{len(todo)}] {cell_key(c)}: {results['cells'][cell_key(c)]['top1']:.2f}% "
                   f"({time.time() - t0:.0f}s)", flush=True)

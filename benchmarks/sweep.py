@@ -25,9 +25,12 @@ def open_results(path: Path, all_groups: Sequence[str], requested: Sequence[str]
 
 
 def save_results(path: Path, results: dict, md_path: Path, summarise: Callable[[dict], str]) -> None:
-    """Write the JSON and its markdown table atomically, keeping cells another sweep wrote meanwhile."""
+    """Write the JSON and its markdown table atomically, keeping cells another sweep wrote meanwhile
+    (but not the keys this sweep retired on purpose, listed in ``results["retired_keys"]``)."""
+    retired = set(results.get("retired_keys", ()))
     if path.is_file():
         for key, cell in json.loads(path.read_text())["cells"].items():
-            results["cells"].setdefault(key, cell)
+            if key not in retired:
+                results["cells"].setdefault(key, cell)
     atomic_write_bytes(path, lambda fh: fh.write(json.dumps(results, indent=2).encode()))
     atomic_write_bytes(md_path, lambda fh: fh.write(summarise(results).encode()))

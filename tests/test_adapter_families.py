@@ -20,16 +20,14 @@ from timm.models.eva import Eva, EvaAttention
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 
-from conftest import minmax_calibrate, rel_err
+from conftest import TINY_SWIN, TINY_VIT, minmax_calibrate, rel_err
 import vitq
 from vitq.adapters import (QuantSpec, adapter_for, block_input_source, build_model, forward_after, is_head_block,
                            layer_role, prepare, prepare_for_state_dict, prev_layernorm, reconstruction_blocks)
 from vitq.errors import VitqError
 from vitq.qmodules import QuantLinear, QuantMatMul, QuantMode, iter_quantizers, quant_modules, set_mode
 
-VIT_KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
-SWIN_KW = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
-               num_classes=10)
+VIT_KW, SWIN_KW = TINY_VIT, TINY_SWIN
 EVA_KW = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4 * 2 / 3, swiglu_mlp=True,
               use_rot_pos_emb=True, ref_feat_shape=(8, 8), num_classes=10)
 ATTENTIONS = (Attention, WindowAttention, EvaAttention)

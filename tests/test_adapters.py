@@ -11,7 +11,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from timm.models.vision_transformer import VisionTransformer
 
-from conftest import minmax_calibrate, rel_err
+from conftest import TINY_SWIN, TINY_VIT, minmax_calibrate, rel_err, tiny_swin, tiny_vit
 from vitq.adapters import (
     DistilledHeads,
     ModelAdapter,
@@ -36,27 +36,22 @@ from vitq.errors import VitqError
 from vitq.qmodules import QuantConv2d, QuantLinear, QuantMode, iter_quantizers, quant_modules, set_mode
 from vitq.quantizers import SOFTMAX_QUANTIZERS, LogQuantizer, UniformQuantizer
 
-VIT_KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
-SWIN_KW = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
-               num_classes=10)
+VIT_KW, SWIN_KW = TINY_VIT, TINY_SWIN
 
 
 def _vit(fused: bool = True) -> VisionTransformer:
-    torch.manual_seed(0)
-    m = VisionTransformer(**VIT_KW).eval()
+    m = tiny_vit(0)
     for blk in m.blocks:
         blk.attn.fused_attn = fused
     return m
 
 
 def _deit() -> VisionTransformerDistilled:
-    torch.manual_seed(1)
-    return VisionTransformerDistilled(**VIT_KW).eval()
+    return tiny_vit(1, distilled=True)
 
 
 def _swin(fused: bool = False) -> SwinTransformer:
-    torch.manual_seed(2)
-    m = SwinTransformer(**SWIN_KW).eval()
+    m = tiny_swin(2)
     for mod in m.modules():
         if hasattr(mod, "relative_position_bias_table"):
             mod.fused_attn = fused

@@ -292,10 +292,9 @@ def test_dfq_registered_softmax_factory_and_its_options() -> None:
 
 def test_merged_lrc_at_init_leaves_tiny_vit_logits_unchanged_and_folds_exactly() -> None:
     import vitq
-    from timm.models.vision_transformer import VisionTransformer
+    from conftest import tiny_vit
 
-    torch.manual_seed(0)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+    model = tiny_vit()
     x = torch.randn(16, 3, 32, 32)
     vitq.quantize(model, x, "minmax", w_bits=4, a_bits=4, calib_size=16, progress=False, device="cpu")
     keys_before = set(model.state_dict())

@@ -109,13 +109,15 @@ TINY_RECON = ["--w-bits", "4", "--a-bits", "4", "--calib-size", "8", "--optim-si
 def test_quantize_subprocess_applies_the_override_flags(tiny_vit_dir, colour_tree, tmp_path):
     out = tmp_path / "q"
     proc = _vitq("quantize", "--model", tiny_vit_dir, "--data", colour_tree, "--recipe", "fimaq+dfq",
-                 "--dfq-granularity", "head", "--iters", "3", "--alpha", "0.25", "--out", out, *TINY_RECON)
+                 "--dfq-granularity", "head", "--iters", "3", "--alpha", "0.25", "--search-tokens", "all",
+                 "--search-samples", "4", "--out", out, *TINY_RECON)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     cfg = report["config"]
     assert cfg["softmax_quantizer"] == "dfq" and cfg["softmax_options"] == {"granularity": "head"}
     assert cfg["reconstruction"]["iters"] == 3 and cfg["reconstruction"]["alpha"] == 0.25
     assert cfg["reconstruction"]["rank"] == 2 and cfg["calibration"]["eq_n"] == 8 and cfg["calib_size"] == 8
+    assert cfg["calibration"]["max_search_tokens"] is None and cfg["calibration"]["max_search_samples"] == 4
     assert [b["block"] for b in report["reconstruction_blocks"]] == ["patch_embed", "blocks.0", "blocks.1", "head"]
     assert {"fp_top1", "quant_top1"} <= set(report) and report["stages"]["quantize"]["peak_mem_mb"] > 0
     # per-head DFQ: one interval per head of the tiny ViT (3 heads)

@@ -76,8 +76,13 @@ def test_reconstruction_improves_on_calibration(data):
     fp = tiny_model()
     ref = fp(data)
     calib_only = vitq.quantize(copy.deepcopy(fp), data, "mse", **CALIB_QUICK)
-    fimaq = vitq.quantize(copy.deepcopy(fp), data, "fimaq", **quick(iters=150))
-    assert rel_err(fimaq(data), ref) < rel_err(calib_only(data), ref)
+    fimaq = vitq.quantize_with_summary(copy.deepcopy(fp), data, "fimaq", **quick(iters=150))
+    assert rel_err(fimaq.model(data), ref) < rel_err(calib_only(data), ref)
+    # the per-block report: output error before and after, and the loss curve every log_every iterations
+    blocks = fimaq.reconstruction["blocks"]
+    assert blocks[1]["output_mse_fp_input"] < blocks[1]["output_mse_calibrated"]
+    history = blocks[1]["history"]
+    assert history["iteration"] == list(range(0, 150, 10)) + [149] and len(history["rec"]) == 16
 
 
 @pytest.mark.parametrize("recipe", ["qdrop", "brecq", "fimaq-diag", "fimaq-lowrank", "fimaq-dplr-lowrank", "fimaq"])

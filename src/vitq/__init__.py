@@ -12,10 +12,12 @@ from . import methods  # noqa: E402,F401  (method packages register their quanti
 from .api import (QuantizeResult, calibration_images, load_quantized, quantize, quantize_with_summary,  # noqa: E402
                   recipe_of, save_quantized)
 from .errors import VitqError  # noqa: E402
+from .export import export, packed_size_report  # noqa: E402  (the function shadows the subpackage's name)
 from .models import load_model  # noqa: E402
 from .recipes import PRESETS, Recipe, get_recipe, recipe_names  # noqa: E402
 
 __all__ = [
-    "PRESETS", "QuantizeResult", "Recipe", "VitqError", "calibration_images", "get_recipe", "load_model",
-    "load_quantized", "quantize", "quantize_with_summary", "recipe_names", "recipe_of", "save_quantized",
+    "PRESETS", "QuantizeResult", "Recipe", "VitqError", "calibration_images", "export", "get_recipe", "load_model",
+    "load_quantized", "packed_size_report", "quantize", "quantize_with_summary", "recipe_names", "recipe_of",
+    "save_quantized",
 ]

@@ -173,6 +173,50 @@ def quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe = "mse", **
     return quantize_with_summary(model, calib_data, recipe, **kwargs).model
 
 
+# What of timm's pretrained_cfg a saved model keeps (the data config and how to rebuild it)
+PRETRAINED_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "num_classes",
+                   "architecture", "vitq_arch_kwargs")
+# The vitq_config entries a saved model carries
+META_KEYS = ("recipe", "spec", "folded_layers", "lrc_side_ranks")
+
+
+def portable_pretrained_cfg(model: nn.Module) -> dict[str, Any]:
+    """The JSON-able part of ``model.pretrained_cfg`` a saved model needs."""
+    return {k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in (getattr(model, "pretrained_cfg", None) or {}).items() if k in PRETRAINED_KEYS}
+
+
+def rebuild_quantized(config: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    """The prepared model a saved ``config`` describes, ready to ``load_state_dict(state)``.
+
+    Builds the float architecture, restores its pretrained_cfg, prepares it with the saved
+    spec and recreates what calibration and reconstruction added (fold biases, side branches).
+    """
+    model = build_model(config)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in config.get("pretrained_cfg", {}).items()})
+    model.pretrained_cfg = model.default_cfg = cfg
+    prepare(model, QuantSpec(**config["spec"]))
+    prepare_for_state_dict(model, state)
+    side = config.get("lrc_side_ranks", {})
+    if side:
+        from .methods.aiqvit import restore_side_branches
+
+        restore_side_branches(model, side, (config.get("recipe", {}).get("aiq") or {}).get("factor_bits"))
+    return model
+
+
+def weights_do_not_fit(folder: Path, detail: str, how: str) -> VitqError:
+    """The one-line error for saved weights that do not fit the architecture in their config."""
+    return VitqError(f"the weights in {folder} do not fit the architecture in its config.json ({detail[:160]}): "
+                     f"{how}(..., architecture={{'timm_name': ..., 'arch_kwargs': {{...}}}})")
+
+
+def first_line_of_load_error(exc: RuntimeError) -> str:
+    lines = str(exc).splitlines()
+    return lines[1].strip() if len(lines) > 1 else str(exc)
+
+
 def save_quantized(model: nn.Module, folder: str | Path, architecture: dict[str, Any] | None = None) -> Path:
     """Write a quantized model to ``folder`` (``config.json`` + ``model.safetensors``), atomically.
 
@@ -186,12 +230,8 @@ def save_quantized(model: nn.Module, folder: str | Path, architecture: dict[str,
     if meta is None:
         raise VitqError("this model was not quantized by vitq.quantize; nothing to save")
     folder = Path(folder)
-    pretrained_cfg = {k: (list(v) if isinstance(v, tuple) else v)
-                      for k, v in (getattr(model, "pretrained_cfg", None) or {}).items()
-                      if k in ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "num_classes",
-                               "architecture", "vitq_arch_kwargs")}
     arch = architecture if architecture is not None else architecture_of(model)
-    config = {"format": QUANTIZED_FORMAT, **arch, "pretrained_cfg": pretrained_cfg, **meta}
+    config = {"format": QUANTIZED_FORMAT, **arch, "pretrained_cfg": portable_pretrained_cfg(model), **meta}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     blob = save(state)
     atomic_write_bytes(folder / "model.safetensors", lambda fh: fh.write(blob))
@@ -212,30 +252,17 @@ def load_quantized(folder: str | Path) -> nn.Module:
     if fmt != QUANTIZED_FORMAT:
         hint = ": it was written by an older vitq, quantize the model again" if str(fmt).startswith("vitq-") else ""
         raise VitqError(f"{folder} is not a vitq quantized model of this version (format {fmt!r}){hint}")
-    model = build_model(config)
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    cfg.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in config.get("pretrained_cfg", {}).items()})
-    model.pretrained_cfg = model.default_cfg = cfg
-    prepare(model, QuantSpec(**config["spec"]))
     try:
         state = load_file(str(folder / "model.safetensors"))
     except Exception as exc:  # safetensors has its own error types for damaged files
         raise VitqError(f"{folder / 'model.safetensors'} is missing or damaged ({exc.__class__.__name__})") from None
-    prepare_for_state_dict(model, state)
-    side = config.get("lrc_side_ranks", {})
-    if side:
-        from .methods.aiqvit import restore_side_branches
-
-        factor_bits = (config.get("recipe", {}).get("aiq") or {}).get("factor_bits")
-        restore_side_branches(model, side, factor_bits)
+    model = rebuild_quantized(config, state)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:  # e.g. a timm model built with other constructor arguments
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise VitqError(f"the weights in {folder} do not fit the architecture in its config.json ({first[:160]}): "
-                        "save with save_quantized(..., architecture={'timm_name': ..., 'arch_kwargs': {...}})") from None
+        raise weights_do_not_fit(folder, first_line_of_load_error(exc), "save with save_quantized") from None
     set_mode(model, QuantMode.QUANT)
-    model.vitq_config = {k: config[k] for k in ("recipe", "spec", "folded_layers", "lrc_side_ranks") if k in config}
+    model.vitq_config = {k: config[k] for k in META_KEYS if k in config}
     return model.eval()
 
 

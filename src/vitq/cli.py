@@ -31,6 +31,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+ALL = "all"
+
+
+def _count_or_all(text: str) -> int | str:
+    return ALL if text == ALL else _positive_int(text)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--batch-size", type=_positive_int, default=100, help="evaluation batch size (default 100)")
@@ -79,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "training augmentation, drawn once per image as FIMA-Q does")
     p_q.add_argument("--eq-n", type=_positive_int, default=None, help="mse search: candidates per grid (default 128)")
     p_q.add_argument("--search-rounds", type=int, default=None, help="mse search: coordinate-descent rounds (default 3)")
+    p_q.add_argument("--search-tokens", type=_count_or_all, default=None,
+                     help="mse search: linear-input rows that score candidates, N or 'all' (default 16384)")
+    p_q.add_argument("--search-samples", type=_count_or_all, default=None,
+                     help="mse search: images that score matmul candidates, N or 'all' (default all, up to "
+                          "--search-elements)")
+    p_q.add_argument("--search-elements", type=_count_or_all, default=None,
+                     help="mse search: at most this many matmul-output elements, N or 'all' (default 4194304)")
     g = p_q.add_argument_group("block reconstruction (recipes qdrop, brecq, fimaq-diag, fimaq-lowrank, fimaq)")
     g.add_argument("--iters", type=_positive_int, default=None, help="iterations per block (paper: 20000)")
     g.add_argument("--optim-size", type=_positive_int, default=None, help="optimisation images (paper: 1024)")
@@ -133,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--calib-size", type=_positive_int, default=None,
                         help=f"calibration images (default {DEMO_BUDGET['calib_size']})")
     _add_common(p_demo)
+
+    p_x = sub.add_parser("export", help="write a quantized model as a deployable artifact (packed integer weights)")
+    p_x.add_argument("source", metavar="RUN_OR_MODEL_DIR", help="a `vitq quantize` run folder or its model/ folder")
+    # free text, not argparse choices: an unknown format is a one-line VitqError like every other mistake
+    p_x.add_argument("--format", default="packed", help="packed: bit-packed integer weight codes (default)")
+    p_x.add_argument("--out", type=Path, required=True,
+                     help="output folder: absent, empty, or a previous packed export (replaced)")
     return parser
 
 
@@ -265,6 +286,10 @@ def recipe_from_args(args: argparse.Namespace):
         recon["batch_size"] = args.recon_batch_size
     aiq = {k: getattr(args, k) for k in AIQ_FLAGS if getattr(args, k) is not None}
     calibration = {k: getattr(args, k) for k in ("eq_n", "search_rounds") if getattr(args, k) is not None}
+    for flag in ("tokens", "samples", "elements"):
+        value = getattr(args, f"search_{flag}")
+        if value is not None:
+            calibration[f"max_search_{flag}"] = None if value == ALL else value
     return get_recipe(base, w_bits=args.w_bits, a_bits=args.a_bits, softmax_quantizer=softmax,
                       softmax_options=options, head_w_bits=args.head_bits, head_a_bits=args.head_bits,
                       patch_embed_w_bits=args.patch_embed_bits, calib_size=args.calib_size, seed=args.seed,
@@ -328,7 +353,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "quantize": cmd_quantize, "demo": cmd_demo}
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export, packed_size_report
+
+    out = export(args.source, args.out, format=args.format)
+    size = packed_size_report(out)
+    mb = 1e6
+    headers = size["header_bytes"] + size["config_bytes"]
+    print(f"{args.source} -> {out} ({args.format}): {size['total_bytes'] / mb:.2f} MB = "
+          f"{size['codes_bytes'] / mb:.2f} MB codes + {size['weight_qparams_bytes'] / mb:.3f} MB scales/zero-points + "
+          f"{size['float_rest_bytes'] / mb:.3f} MB float rest + {headers / mb:.3f} MB headers, "
+          f"{size['ratio']:.3f} of FP32 ({size['fp32_bytes'] / mb:.2f} MB)")
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "quantize": cmd_quantize, "demo": cmd_demo, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -135,6 +135,10 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
             from .api import load_quantized
 
             return load_quantized(path)
+        if (path / "config.json").is_file() and '"vitq-packed' in (path / "config.json").read_text():
+            from .export import load_packed
+
+            return load_packed(path)
         if (path / "model.safetensors").is_file() or (path / "config.json").is_file():
             return load_model_dir(path)
         raise VitqError(f"{path} is a folder without config.json/model.safetensors: pass a vitq model or run folder")

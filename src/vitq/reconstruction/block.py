@@ -45,6 +45,13 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
         else:
             per_sample = per_sample_grads(model, name, block, x_q, targets, cfg, device, store)
 
+    # ---- the block's output error as calibrated (nearest rounding), for the before/after report
+    with torch.no_grad():
+        for m in block_quant_modules(block):
+            m.mode = QuantMode.QUANT
+        before = float(lp_loss(batched(block, x_fp[:256], cfg.capture_batch_size, device, store), y_fp[:256]))
+        set_mode(model, QuantMode.FLOAT)
+
     # ---- trainable state (flags recorded before AdaRound adds its alphas, so they end frozen)
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
@@ -80,6 +87,7 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
     warm = int(cfg.warmup * cfg.iters)
     ref_rec: float | None = None
     rec_v = round_v = 0.0
+    history: dict[str, list[float]] = {"iteration": [], "rec": [], "round": []}
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.iters), desc=desc or name, unit="it", disable=not progress, leave=False)
     for it in bar:
@@ -129,6 +137,10 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
             for q in act_qs:
                 q.project_()  # back into the valid range (a scale through zero would flip the grid)
         rec_v, round_v = float(rec.detach()), float(reg.detach())
+        if it % cfg.log_every == 0 or it == cfg.iters - 1:
+            history["iteration"].append(it)
+            history["rec"].append(rec_v)
+            history["round"].append(round_v)
         if it % 50 == 0 or it == cfg.iters - 1:
             bar.set_postfix(rec=f"{rec_v:.4f}", round=f"{round_v:.1f}")
     bar.close()
@@ -144,6 +156,7 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
             m.mode = QuantMode.QUANT
         final = float(lp_loss(batched(block, x_fp[:256], cfg.capture_batch_size, device, store), y_fp[:256]))
     return {"block": name, "seconds": round(time.perf_counter() - t0, 3), "final_rec_loss": rec_v,
-            "final_round_loss": round_v, "output_mse_fp_input": final, "snapshots": len(state.G),
+            "final_round_loss": round_v, "output_mse_fp_input": final, "output_mse_calibrated": before,
+            "history": history, "snapshots": len(state.G),
             "gram_condition": state.conds, "fallback": fallback, "adaround_layers": len(installed),
             **ext.end_block(ctx)}

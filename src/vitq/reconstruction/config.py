@@ -54,6 +54,7 @@ class ReconConfig:
     perturb_scale: float = 1e-6       # schedule "r": size of the positive output perturbation
     keep_on_device: bool = True       # caches on the compute device (else host memory)
     capture_batch_size: int = 64      # batch for caching inputs and for snapshots
+    log_every: int = 10               # loss terms kept in the block summary every N iterations
 
     def __post_init__(self) -> None:
         checks = [("loss", self.loss, LOSSES), ("input_mode", self.input_mode, INPUT_MODES),
@@ -64,8 +65,8 @@ class ReconConfig:
         for field, value, choices in checks:
             if value not in choices:
                 raise VitqError(f"{field} must be one of {', '.join(choices)}, got {value!r}")
-        if self.iters <= 0 or self.batch_size <= 0 or self.optim_size <= 0 or self.capture_batch_size <= 0:
-            raise VitqError("iters, batch_size, optim_size and capture_batch_size must be positive")
+        if min(self.iters, self.batch_size, self.optim_size, self.capture_batch_size, self.log_every) <= 0:
+            raise VitqError("iters, batch_size, optim_size, capture_batch_size and log_every must be positive")
         if self.rank < 1:
             raise VitqError(f"rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.drop_prob <= 1.0:

@@ -109,7 +109,7 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
             checkpoint.save_progress(folder, key, done, model)
         if progress:
             tqdm.write(f"  {name}: {summary['seconds']:.1f}s, rec loss {summary['final_rec_loss']:.4f}, "
-                       f"output MSE {summary['output_mse_fp_input']:.5f}")
+                       f"output MSE {summary['output_mse_calibrated']:.5f} -> {summary['output_mse_fp_input']:.5f}")
     final = extension.finalize(model) if extension is not None else {}
     fold_learned_rounding(model)
     set_mode(model, QuantMode.QUANT)
