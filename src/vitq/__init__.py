@@ -15,9 +15,10 @@ from .errors import VitqError  # noqa: E402
 from .export import export, packed_size_report  # noqa: E402  (the function shadows the subpackage's name)
 from .models import load_model  # noqa: E402
 from .recipes import PRESETS, Recipe, get_recipe, recipe_names  # noqa: E402
+from .reporting import write_report  # noqa: E402  (matplotlib is imported only when a page is drawn)
 
 __all__ = [
     "PRESETS", "QuantizeResult", "Recipe", "VitqError", "calibration_images", "export", "get_recipe", "load_model",
     "load_quantized", "packed_size_report", "quantize", "quantize_with_summary", "recipe_names", "recipe_of",
-    "save_quantized",
+    "save_quantized", "write_report",
 ]

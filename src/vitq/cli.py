@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_x.add_argument("--format", default="packed", help="packed: bit-packed integer weight codes (default)")
     p_x.add_argument("--out", type=Path, required=True,
                      help="output folder: absent, empty, or a previous packed export (replaced)")
+
+    p_r = sub.add_parser("report", help="one self-contained HTML page (tables and plots) for one or more runs")
+    p_r.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                     help="run folders written by `vitq quantize --out` or `vitq demo --out`")
+    p_r.add_argument("--out", type=Path, default=None, metavar="FILE",
+                     help="the HTML file (default: RUN_DIR/report.html for one run; required for several)")
     return parser
 
 
@@ -253,6 +259,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name, w, a, t1, t5, sec in rows:
         print(f"{name:<26}{w:>7}{a:>7}{t1:>9.2f}{t5:>9.2f}{sec:>9}")
     print(f"\nreport: {out / 'report.json'}   quantized model: {out / 'model'}")
+    from .reporting import plots_available, write_report
+
+    # the demo's work is done: without the optional matplotlib it says how to get the page, not fail
+    print(f"HTML report: {write_report([out], out / 'report.html')}" if plots_available()
+          else "HTML report: skipped (pip install matplotlib, then `vitq report` on this folder)")
     return 0
 
 
@@ -367,7 +378,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "quantize": cmd_quantize, "demo": cmd_demo, "export": cmd_export}
+def cmd_report(args: argparse.Namespace) -> int:
+    from .reporting import write_report
+
+    if args.out is None and len(args.runs) > 1:
+        raise VitqError(f"{len(args.runs)} runs make one page: say where it goes with --out FILE")
+    print(write_report(args.runs, args.out if args.out is not None else args.runs[0] / "report.html"))
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "quantize": cmd_quantize, "demo": cmd_demo, "export": cmd_export,
+            "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
