@@ -96,7 +96,10 @@ def write_outputs(out: Path, results: dict) -> None:
         w4 = _cells(results, r, 4)
         peak = f"{max(c['calib_peak_mb'] for c in w4):.0f}" if w4 else "-"
         lines.append(f"| {r} | {' | '.join(acc)} | {spread[4]} | {spread[3]} | {' | '.join(sec)} | {peak} |")
-    lines += ["", "Per subset (top-1):", "", "| recipe | bits | " + " | ".join(f"seed {s}" for s in range(n_sub)) + " |",
+    counts = {b: sorted({len(_cells(results, r, b)) for r in RECIPES} - {0}) for b in BITS}
+    lines += ["", "Subsets measured per cell: " + ", ".join(
+        f"W{b}A{b} {'/'.join(map(str, counts[b])) or '0'}" for b in BITS) + ".", ""]
+    lines += ["Per subset (top-1):", "", "| recipe | bits | " + " | ".join(f"seed {s}" for s in range(n_sub)) + " |",
               "|---|---|" + "---|" * n_sub]
     for r in RECIPES:
         for b in BITS:
@@ -106,7 +109,7 @@ def write_outputs(out: Path, results: dict) -> None:
                                                              for s in range(n_sub)) + " |")
     before = {b: _cells(results, "mse", b, "before") for b in (4, 3)}
     if any(before.values()):
-        lines += ["", "## Why the `mse` search now scores candidates on every calibration image", "",
+        lines += ["", "## The mse search's data: a subsample (before) or every calibration image (now)", "",
                   "Until this version the search scored activation candidates on a random 2,048 of the linear "
                   "layers' input rows and matmul candidates on 16 of the 128 images (`max_search_tokens=2048`, "
                   "`max_search_samples=16`); which rows and images were drawn decided the result. The same 5 "
