@@ -28,7 +28,7 @@ from timm.layers import apply_rot_embed_cat, maybe_add_mask, resolve_self_attn_m
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 
 from ..errors import VitqError
-from .layers import attention_block_swaps, check_token_trunk, mlp_fc1_fold_valid
+from .layers import attention_block_swaps, check_token_trunk, token_block_prev_layernorm
 from .registry import ModelAdapter, register_adapter
 from .spec import QuantSpec, attention_matmuls, block_linear
 
@@ -187,11 +187,4 @@ class EvaAdapter(ModelAdapter):
         return model.forward_head(model.norm(x))
 
     def prev_layernorm(self, model: nn.Module, name: str) -> Optional[nn.LayerNorm]:
-        parts = name.split(".")
-        if len(parts) != 4 or parts[0] != "blocks" or parts[3] not in ("qkv", "fc1"):
-            return None
-        blk = model.blocks[int(parts[1])]
-        if parts[3] == "fc1" and not mlp_fc1_fold_valid(blk.mlp):
-            return None
-        norm = blk.norm1 if parts[3] == "qkv" else blk.norm2
-        return norm if isinstance(norm, nn.LayerNorm) else None
+        return token_block_prev_layernorm(model, name)

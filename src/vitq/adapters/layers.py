@@ -107,3 +107,15 @@ def attention_block_swaps(blocks: list[tuple[str, nn.Module]], quant_attention: 
         swaps += mlp_swaps(blk.mlp, f"{name}.mlp", spec)
     return swaps
 
+
+def token_block_prev_layernorm(model: nn.Module, name: str) -> nn.LayerNorm | None:
+    """For a flat ``model.blocks`` trunk: ``blocks.i.attn.qkv`` -> ``norm1``, ``blocks.i.mlp.fc1`` -> ``norm2``
+    (when the MLP has a single fc1, so the fold feeds one Linear); None otherwise."""
+    parts = name.split(".")
+    if len(parts) != 4 or parts[0] != "blocks" or parts[3] not in ("qkv", "fc1"):
+        return None
+    blk = model.blocks[int(parts[1])]
+    if parts[3] == "fc1" and not mlp_fc1_fold_valid(blk.mlp):
+        return None
+    norm = blk.norm1 if parts[3] == "qkv" else blk.norm2
+    return norm if isinstance(norm, nn.LayerNorm) else None

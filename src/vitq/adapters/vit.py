@@ -23,7 +23,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import VitqError
 from ..qmodules import QuantLinear
-from .layers import attention_block_swaps, check_token_trunk, mlp_fc1_fold_valid
+from .layers import attention_block_swaps, check_token_trunk, token_block_prev_layernorm
 from .registry import ModelAdapter, register_adapter
 from .spec import QuantSpec, attention_matmuls, block_linear
 
@@ -126,14 +126,7 @@ class VitAdapter(ModelAdapter):
 
     def prev_layernorm(self, model: nn.Module, name: str) -> Optional[nn.LayerNorm]:
         # blocks.i.attn.qkv -> norm1; blocks.i.mlp.fc1 -> norm2 (when the MLP has a single fc1).
-        parts = name.split(".")
-        if len(parts) != 4 or parts[0] != "blocks" or parts[3] not in ("qkv", "fc1"):
-            return None
-        blk = model.blocks[int(parts[1])]
-        if parts[3] == "fc1" and not mlp_fc1_fold_valid(blk.mlp):
-            return None
-        norm = blk.norm1 if parts[3] == "qkv" else blk.norm2
-        return norm if isinstance(norm, nn.LayerNorm) else None
+        return token_block_prev_layernorm(model, name)
 
 
 @register_adapter(VisionTransformerDistilled)
