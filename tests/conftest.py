@@ -91,3 +91,15 @@ def minmax_calibrate(model: torch.nn.Module, x: torch.Tensor) -> None:
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).norm() / ref.norm())
 
+
+def per_channel_weight_grid(bits: int = 4) -> tuple[torch.Tensor, "torch.nn.Module"]:
+    """A small random weight (6, 10) and a per-output-channel uniform quantizer calibrated on it."""
+    from vitq.quantizers import UniformQuantizer
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 10) * 0.1
+    base = UniformQuantizer(bits, granularity="channel", axis=0)
+    base.observe(w)
+    base.init_from_minmax()
+    return w, base
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import per_channel_weight_grid
 from vitq.errors import VitqError
 from vitq.qmodules import QuantLinear, QuantMatMul, QuantMode, set_mode
 from vitq.quantizers import LogQuantizer, UniformQuantizer, round_ste
@@ -260,11 +261,7 @@ def test_integer_view_and_codes_reproduce_the_fake_quantized_tensor(make):
 def test_adaround_is_a_quantizer_through_the_interface():
     from vitq.quantizers import AdaRoundQuantizer
 
-    torch.manual_seed(0)
-    w = torch.randn(6, 10) * 0.1
-    base = UniformQuantizer(4, granularity="channel", axis=0)
-    base.observe(w)
-    base.init_from_minmax()
+    w, base = per_channel_weight_grid(4)
     ada = base.learned_rounding(w)
     assert isinstance(ada, AdaRoundQuantizer) and list(ada.trainable_parameters()) == ["rounding"]
     assert ada.round_loss(2.0) is not None and base.round_loss(2.0) is None

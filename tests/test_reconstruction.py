@@ -11,7 +11,7 @@ import torch
 
 import vitq
 import vitq.reconstruction.engine as engine
-from conftest import tiny_swin, tiny_vit
+from conftest import per_channel_weight_grid, tiny_swin, tiny_vit
 from vitq.qmodules import QuantMode, set_mode
 from vitq.quantizers import AdaRoundQuantizer, LogQuantizer, UniformQuantizer
 from vitq.reconstruction import ReconConfig, snapshot_iterations
@@ -25,11 +25,7 @@ def test_snapshot_schedule_takes_exactly_k(iters, k):
 
 
 def test_adaround_starts_at_the_float_weight_and_hardens_to_the_grid():
-    torch.manual_seed(0)
-    w = torch.randn(6, 10) * 0.1
-    base = UniformQuantizer(4, granularity="channel", axis=0)
-    base.observe(w)
-    base.init_from_minmax()
+    w, base = per_channel_weight_grid(4)
     ada = AdaRoundQuantizer(base, w)
     s, z = base.scale, base.zero_point
     code = w / s + z

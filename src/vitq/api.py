@@ -243,11 +243,10 @@ def load_quantized(folder: str | Path) -> nn.Module:
     """Rebuild a model written by :func:`save_quantized`, in quantized mode."""
     from safetensors.torch import load_file
 
+    from .models import read_json
+
     folder = Path(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise VitqError(f"cannot read {folder / 'config.json'}: {exc}") from None
+    config = read_json(folder / "config.json")
     fmt = config.get("format")
     if fmt != QUANTIZED_FORMAT:
         hint = ": it was written by an older vitq, quantize the model again" if str(fmt).startswith("vitq-") else ""

@@ -63,7 +63,7 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it; put it straight back
     os.umask(mask)
     return mask
@@ -82,7 +82,7 @@ def atomic_write_bytes(path: Path, write: Callable[[io.BufferedWriter], None]) -
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

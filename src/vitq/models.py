@@ -50,7 +50,8 @@ def build_reference_vit(**overrides: Any) -> VisionTransformer:
     return model
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file as a dict; a missing or damaged file is a one-line VitqError naming it."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -66,7 +67,7 @@ def load_model_dir(folder: Path) -> torch.nn.Module:
     """
     from safetensors.torch import load_file
 
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise VitqError(f"{folder} has no model.safetensors: it is not a vitq model folder")
@@ -117,6 +118,13 @@ def _timm_name_known(name: str) -> bool:
     return bool(timm.list_models(base)) or bool(timm.list_pretrained(name))
 
 
+def resolve_model_folder(path: Path) -> Path:
+    """A `vitq quantize` run folder keeps its model in ``model/``: that folder, else ``path`` itself."""
+    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        return path / "model"
+    return path
+
+
 def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = True) -> torch.nn.Module:
     """Load a model by name, path or timm name, in eval mode (see the module docstring).
 
@@ -128,9 +136,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
         return load_reference_model()
     path = Path(name).expanduser()
     if path.is_dir():
-        # a `vitq quantize` run folder keeps its model in model/
-        if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
-            path = path / "model"
+        path = resolve_model_folder(path)
         if (path / "config.json").is_file() and '"vitq-quantized' in (path / "config.json").read_text():
             from .api import load_quantized
 

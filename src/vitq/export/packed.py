@@ -35,8 +35,9 @@ import torch.nn as nn
 from ..adapters import architecture_of
 from ..api import (META_KEYS, first_line_of_load_error, portable_pretrained_cfg, rebuild_quantized,
                    weights_do_not_fit)
-from ..data import atomic_write_bytes
+from ..data import atomic_write_bytes, current_umask
 from ..errors import VitqError
+from ..models import read_json, resolve_model_folder
 from ..qmodules import QuantMode, quant_modules, set_mode
 from ..quantizers import Quantizer
 from .packing import pack_codes, unpack_codes
@@ -52,21 +53,13 @@ ARCH_KEYS = ("timm_name", "arch_kwargs", "family")
 
 # --------------------------------------------------------------------------- reading sources
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise VitqError(f"cannot read {folder / 'config.json'}: {exc}") from None
-
-
 def _model_folder(path: Path) -> Path:
     """The model folder of a ``vitq quantize`` run folder or model folder (as ``vitq.load_model``)."""
     if not path.exists():
         raise VitqError(f"{path} does not exist: pass a `vitq quantize` run folder or its model/ folder")
     if not path.is_dir():
         raise VitqError(f"{path} is not a folder: pass a `vitq quantize` run folder or its model/ folder")
-    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
-        path = path / "model"
+    path = resolve_model_folder(path)
     if not (path / "config.json").is_file():
         raise VitqError(f"{path} is not a vitq run or model folder (no config.json): pass a `vitq quantize` "
                         "run folder or its model/ folder")
@@ -82,7 +75,7 @@ def _load_source(source: nn.Module | str | Path,
                             "before exporting")
         return source, architecture if architecture is not None else architecture_of(source)
     folder = _model_folder(Path(source).expanduser())
-    config = _read_config(folder)
+    config = read_json(folder / "config.json")
     fmt = str(config.get("format"))
     if fmt == PACKED_FORMAT:
         model = load_packed(folder)
@@ -115,12 +108,6 @@ def _check_out(out: Path) -> None:
             return
     raise VitqError(f"{out} exists and is not an empty folder or a previous packed export: "
                     "choose another --out or remove it")
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
 
 
 def _replace_folder(tmp: Path, out: Path) -> None:
@@ -216,7 +203,7 @@ def export(model_or_path: nn.Module | str | Path, out: str | Path, format: str =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
         atomic_write_bytes(tmp / "model.safetensors", lambda fh: fh.write(blob))
         atomic_write_bytes(tmp / "config.json", lambda fh: fh.write(json.dumps(config, indent=2).encode()))
         report = packed_size_report(tmp)
@@ -241,7 +228,7 @@ def packed_size_report(folder: str | Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     folder = Path(folder)
-    config = _read_config(folder)
+    config = read_json(folder / "config.json")
     if config.get("format") != PACKED_FORMAT:
         raise VitqError(f"{folder} is not a packed export (format {config.get('format')!r}): "
                         "make one with `vitq export RUN --format packed --out PATH`")
@@ -279,7 +266,7 @@ def load_packed(folder: str | Path) -> nn.Module:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    config = _read_config(folder)
+    config = read_json(folder / "config.json")
     if config.get("format") != PACKED_FORMAT:
         raise VitqError(f"{folder} is not a vitq packed export of this version (format {config.get('format')!r}): "
                         "export the quantized model again")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,6 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
     if folder is not None:
         if restart:
             checkpoint.discard(folder)
-        from dataclasses import asdict
-
         key = checkpoint.run_key(model, images, {"recon": asdict(cfg), "seed": seed, **(run_settings or {})})
         saved = checkpoint.load_progress(folder, key)
         if saved is not None:
