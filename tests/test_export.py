@@ -14,7 +14,7 @@ import vitq
 from vitq.cli import main
 from vitq.errors import VitqError
 from vitq.export import PACKED_FORMAT, pack_codes, packed_nbytes, unpack_codes
-from vitq.export import packed as packed_module
+from vitq.export import folder as folder_module
 
 CALIB = dict(calib_size=16, progress=False, device="cpu")
 
@@ -184,16 +184,16 @@ def test_export_refuses_bad_input(images, tmp_path):
     with pytest.raises(VitqError, match="not quantized"):
         vitq.export(tiny_vit(), tmp_path / "a")
     q = vitq.quantize(tiny_vit(), images, "minmax", w_bits=4, a_bits=4, **CALIB)
-    with pytest.raises(VitqError, match="unknown export format 'onnx': use packed"):
-        vitq.export(q, tmp_path / "a", format="onnx")
+    with pytest.raises(VitqError, match="unknown export format 'tflite': use packed, onnx"):
+        vitq.export(q, tmp_path / "a", format="tflite")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("keep me")
-    with pytest.raises(VitqError, match="exists and is not an empty folder or a previous packed export"):
+    with pytest.raises(VitqError, match="exists and is not an empty folder or a previous vitq export"):
         vitq.export(q, busy)
     assert (busy / "notes.txt").read_text() == "keep me"
     vitq.save_quantized(q, tmp_path / "fq")  # a quantized (not packed) model folder is no export either
-    with pytest.raises(VitqError, match="not an empty folder or a previous packed export"):
+    with pytest.raises(VitqError, match="not an empty folder or a previous vitq export"):
         vitq.export(q, tmp_path / "fq")
     # an empty folder and a previous packed export are fine
     (tmp_path / "empty").mkdir()
@@ -206,14 +206,14 @@ def test_interrupted_export_leaves_no_partial_folder(images, tmp_path, monkeypat
     q = vitq.quantize(tiny_vit(), images, "minmax", w_bits=4, a_bits=4, **CALIB)
     first = vitq.export(q, tmp_path / "packed")
     before = {p.name: p.read_bytes() for p in first.iterdir()}
-    real_write = packed_module.atomic_write_bytes
+    real_write = folder_module.atomic_write_bytes
 
     def killed_at_config(path, write):
         if path.name == "config.json":
             raise KeyboardInterrupt
         real_write(path, write)
 
-    monkeypatch.setattr(packed_module, "atomic_write_bytes", killed_at_config)
+    monkeypatch.setattr(folder_module, "atomic_write_bytes", killed_at_config)
     for target in (tmp_path / "fresh", tmp_path / "packed"):
         with pytest.raises(KeyboardInterrupt):
             vitq.export(q, target)
@@ -259,8 +259,9 @@ def test_cli_exports_a_quantize_run_folder(tiny_vit_dir, colour_tree, tmp_path, 
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
     for argv, needle in [
-        (["export", run, "--format", "onnx", "--out", tmp_path / "x"], "unknown export format 'onnx'"),
-        (["export", run, "--out", run], "exists and is not an empty folder or a previous packed export"),
+        (["export", run, "--format", "tflite", "--out", tmp_path / "x"], "unknown export format 'tflite'"),
+        (["export", run, "--profile", "int8", "--out", tmp_path / "x"], "--profile applies to --format onnx only"),
+        (["export", run, "--out", run], "exists and is not an empty folder or a previous vitq export"),
         (["export", run, "--out", run / "report.json"], "exists and is not an empty folder"),
         (["export", tiny_vit_dir, "--out", tmp_path / "x"], "float model, not a quantized one"),
         (["export", colour_tree, "--out", tmp_path / "x"], "not a vitq run or model folder"),

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .adapters import QuantSpec, architecture_of, build_model, prepare, prepare_for_state_dict
-from .calibration import calibrate
+from .calibration import calibrate, keep_zero_points_in_codes
 from .data import atomic_write_bytes, build_dataset, fixed_subset, resolve_data
 from .errors import VitqError
 from .qmodules import QuantMode, set_mode
@@ -146,6 +146,8 @@ def quantize_with_summary(model: nn.Module, calib_data: Any, recipe: str | Recip
     prepare(model, recipe.quant_spec())
     with stage(stages, "calibration", dev):
         summary = calibrate(model, calib, recipe.calibration, dev, progress=progress, seed=recipe.seed)
+        if recipe.target == "ort-int8":
+            summary["zero_points_moved_into_codes"] = keep_zero_points_in_codes(model)
     if after_calibration is not None:
         after_calibration(model)
     recon = None

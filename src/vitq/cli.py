@@ -7,6 +7,7 @@ with exit code 2; never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_q.add_argument("--softmax-quantizer", choices=("uniform", "log2", "logsqrt2", "dfq"), default=None,
                      help="quantizer of the post-softmax attention (recipe default; dfq = AIQViT's learned interval)")
     p_q.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
-    p_q.add_argument("--a-bits", type=int, default=4, help="activation bits, 2..8 (default 4)")
+    p_q.add_argument("--a-bits", type=int, default=None, help="activation bits, 2..8 (default 4; off with --target ort-w4)")
     p_q.add_argument("--head-bits", type=int, default=None, help="keep the classifier head at these W/A bits (e.g. 8)")
     p_q.add_argument("--patch-embed-bits", type=int, default=None, help="patch-embedding weight bits (e.g. 8)")
     p_q.add_argument("--calib-size", type=_positive_int, default=None, help="calibration images (recipe default 128)")
@@ -127,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--search-iters", type=int, default=None, help="rank-search iterations per block (default 300)")
     a.add_argument("--curriculum", action=argparse.BooleanOptionalAction, default=None,
                    help="easy-to-hard sample curriculum")
+    p_q.add_argument("--target", default=None,
+                     help="where the model will run: simulated (default: any quantizer), ort-int8 (onnxruntime "
+                          "integer kernels: per-tensor activations, uniform post-softmax), ort-w4 (4-bit "
+                          "weight-only); calibration and reconstruction keep to it; export with the same profile")
     p_q.add_argument("--seed", type=int, default=0, help="fixes the calibration sample and every random draw")
     p_q.add_argument("--limit", type=_positive_int, default=None,
                      help="evaluate on a fixed random sample of N evaluation images")
@@ -148,12 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"calibration images (default {DEMO_BUDGET['calib_size']})")
     _add_common(p_demo)
 
-    p_x = sub.add_parser("export", help="write a quantized model as a deployable artifact (packed integer weights)")
+    p_x = sub.add_parser("export", help="write a quantized model as a deployable artifact (packed integer "
+                                        "weights, or ONNX checked in onnxruntime)")
     p_x.add_argument("source", metavar="RUN_OR_MODEL_DIR", help="a `vitq quantize` run folder or its model/ folder")
     # free text, not argparse choices: an unknown format is a one-line VitqError like every other mistake
-    p_x.add_argument("--format", default="packed", help="packed: bit-packed integer weight codes (default)")
+    p_x.add_argument("--format", default="packed",
+                     help="packed: bit-packed integer weight codes (default); onnx: OUT/model.onnx + OUT/export.json")
+    p_x.add_argument("--profile", default="exact",
+                     help="onnx only. exact: QDQ graph of the fake-quant model (default); int8: onnxruntime integer "
+                          "kernels (quantize with --target ort-int8); w4: 4-bit weight-only (MatMulNBits)")
+    p_x.add_argument("--opset", type=int, default=21, help="onnx only: opset, 21 or newer (default 21)")
     p_x.add_argument("--out", type=Path, required=True,
-                     help="output folder: absent, empty, or a previous packed export (replaced)")
+                     help="output folder: absent, empty, or a previous vitq export (replaced)")
 
     p_r = sub.add_parser("report", help="one self-contained HTML page (tables and plots) for one or more runs")
     p_r.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
@@ -304,7 +315,8 @@ def recipe_from_args(args: argparse.Namespace):
     return get_recipe(base, w_bits=args.w_bits, a_bits=args.a_bits, softmax_quantizer=softmax,
                       softmax_options=options, head_w_bits=args.head_bits, head_a_bits=args.head_bits,
                       patch_embed_w_bits=args.patch_embed_bits, calib_size=args.calib_size, seed=args.seed,
-                      calibration=calibration or None, reconstruction=recon or None, aiq=aiq or None)
+                      calibration=calibration or None, reconstruction=recon or None, aiq=aiq or None,
+                      target=args.target)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -316,6 +328,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     # every cheap check before any heavy work
     recipe = recipe_from_args(args)
+    from .recipes import target_changes
+
+    for change in target_changes(recipe):
+        print(f"target {recipe.target}: {change}")
     device = resolve_device(args.device)
     spec = resolve_data(args.data)
     if args.calib_data is not None:
@@ -367,7 +383,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export, packed_size_report
 
-    out = export(args.source, args.out, format=args.format)
+    out = export(args.source, args.out, format=args.format, profile=args.profile, opset=args.opset)
+    if args.format == "onnx":
+        report = json.loads((out / "export.json").read_text())
+        check = report["check"]
+        kernels = ", ".join(f"{n} {op}" for op, n in report["integer_kernels"].items()) or "none"
+        print(f"{args.source} -> {out / 'model.onnx'} (onnx, profile {args.profile}, opset {args.opset}): "
+              f"{report['file_bytes'] / 1e6:.2f} MB; onnxruntime vs vitq max |logit diff| "
+              f"{check['max_abs_logit_diff']:.2e} on {check['images']} check images; integer kernels: {kernels} "
+              f"({report['integer_matmul_share']:.0%} of matmul/conv nodes)")
+        return 0
     size = packed_size_report(out)
     mb = 1e6
     headers = size["header_bytes"] + size["config_bytes"]

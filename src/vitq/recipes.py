@@ -53,6 +53,35 @@ from .reconstruction import ReconConfig
 # nested configs: the Recipe field and its dataclass
 _NESTED = {"calibration": CalibConfig, "reconstruction": ReconConfig, "aiq": AIQConfig}
 
+# Where the model will run. "simulated": any quantizer vitq has (exported as --profile exact);
+# "ort-int8": onnxruntime's integer kernels (per-tensor uniform activations with zero points inside
+# their codes, uniform post-softmax; --profile int8); "ort-w4": 4-bit weight-only (activations FP,
+# weights <= 4 bits; --profile w4). A target constrains calibration and reconstruction, so the
+# accuracy vitq reports is the deployed model's.
+TARGETS = ("simulated", "ort-int8", "ort-w4")
+
+
+def target_conflicts(recipe: Recipe) -> list[str]:
+    """What in ``recipe`` its target cannot run (empty when it fits)."""
+    problems = []
+    if recipe.target == "ort-int8":
+        if recipe.matmul_granularity != "tensor":
+            problems.append("attention matmul operands must be per tensor (matmul_granularity='tensor')")
+        if recipe.softmax_quantizer != "uniform":
+            problems.append(f"a {recipe.softmax_quantizer} post-softmax quantizer has no integer kernel: use uniform")
+        if recipe.calibration.token_wise:
+            problems.append("token-wise activation scales have no integer kernel (calibration token_wise=False)")
+        if recipe.aiq is not None and recipe.aiq.lrc and recipe.aiq.lrc_mode == "side":
+            problems.append("a low-rank side branch stays float: use lrc_mode='merged'")
+    if recipe.target == "ort-w4":
+        if validate_bits(recipe.a_bits) not in (None, 16, 32):
+            problems.append(f"weight-only: activations stay float (a_bits 32, not {recipe.a_bits})")
+        for name in ("w_bits", "head_w_bits"):
+            bits = getattr(recipe, name)
+            if bits is not None and bits not in (16, 32) and bits > 4:
+                problems.append(f"{name} must be at most 4 for 4-bit kernels, got {bits}")
+    return problems
+
 
 @dataclass
 class Recipe:
@@ -73,10 +102,15 @@ class Recipe:
     calibration: CalibConfig = field(default_factory=CalibConfig)
     reconstruction: ReconConfig | None = None
     aiq: AIQConfig | None = None
+    target: str = "simulated"
 
     def __post_init__(self) -> None:
         validate_bits(self.w_bits, "w_bits")
         validate_bits(self.a_bits, "a_bits")
+        if self.target not in TARGETS:
+            raise VitqError(f"unknown target {self.target!r}: choose one of {', '.join(TARGETS)}")
+        for problem in target_conflicts(self):
+            raise VitqError(f"target {self.target}: {problem}")
         if self.aiq is not None and self.reconstruction is None:
             raise VitqError("AIQViT's low-rank compensation and curriculum need a reconstruction stage")
         if self.calib_size <= 0:
@@ -123,6 +157,42 @@ PRESETS: dict[str, Recipe] = {
     "fimaq+aiq": Recipe(name="fimaq+aiq", softmax_quantizer="dfq", reconstruction=ReconConfig(loss="fimaq_dplr"),
                         aiq=AIQConfig()),
 }
+
+
+def _fit_target(base: Recipe, changes: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """The further changes that make ``base`` + ``changes`` fit its target, except for settings the caller
+    set (``explicit``: field names, and ``calibration.token_wise``); a conflict left is refused by Recipe."""
+    target = changes.get("target", base.target)
+    fit: dict[str, Any] = {}
+    if target == "ort-int8":
+        if "matmul_granularity" not in explicit:
+            fit["matmul_granularity"] = "tensor"
+        if "softmax_quantizer" not in explicit:
+            fit["softmax_quantizer"], fit["softmax_options"] = "uniform", {}
+        if "calibration.token_wise" not in explicit:
+            fit["calibration"] = dataclasses.replace(changes.get("calibration", base.calibration), token_wise=False)
+    if target == "ort-w4" and "a_bits" not in explicit:
+        fit["a_bits"] = 32
+    return fit
+
+
+def target_changes(recipe: Recipe) -> list[str]:
+    """In words, what the target changed against the preset of the same name (for reports and the CLI)."""
+    preset = PRESETS.get(recipe.name)
+    if preset is None or recipe.target == "simulated":
+        return []
+    out = []
+    if preset.matmul_granularity != recipe.matmul_granularity:
+        out.append(f"attention matmul operands per {recipe.matmul_granularity} (preset: per {preset.matmul_granularity})")
+    if preset.softmax_quantizer != recipe.softmax_quantizer:
+        out.append(f"post-softmax quantizer {recipe.softmax_quantizer} (preset: {preset.softmax_quantizer})")
+    if preset.calibration.token_wise and not recipe.calibration.token_wise:
+        out.append("per-tensor activation scales (preset: token-wise)")
+    if recipe.target == "ort-int8":
+        out.append("activation zero points kept inside their codes (ranges widened to include 0 where needed)")
+    if validate_bits(preset.a_bits) not in (None, 16, 32) and recipe.a_bits in (None, 16, 32):
+        out.append("activations float (weight-only)")
+    return out
 
 
 def recipe_names() -> list[str]:
@@ -176,6 +246,11 @@ def get_recipe(recipe: str | Recipe, **overrides: Any) -> Recipe:
         if key not in known:
             raise VitqError(f"unknown recipe option {key!r}: choose from {', '.join(sorted(known))}")
         changes[key] = _replace_nested(base, key, value) if key in _NESTED else value
+    if changes.get("target", base.target) != "simulated":
+        cal = overrides.get("calibration")
+        explicit = set(changes) | ({"calibration.token_wise"} if isinstance(cal, CalibConfig)
+                                   or (isinstance(cal, dict) and "token_wise" in cal) else set())
+        changes.update(_fit_target(base, changes, explicit))
     return dataclasses.replace(base, **changes)
 
 

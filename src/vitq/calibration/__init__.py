@@ -30,7 +30,7 @@ Deviations from the official code, each deliberate:
   token of the 128 calibration images on a GPU.
 """
 from .config import METHODS, CalibConfig
-from .driver import calibrate
+from .driver import calibrate, keep_zero_points_in_codes
 from .mse_search import _grid  # noqa: F401  (tests)
 from .mse_search import search_conv_mse, search_linear_mse, search_matmul_mse
 from .repq_fold import reparam_layernorm
@@ -38,6 +38,6 @@ from .stats import REPQ_PERCENTILES, fake_quant, init_by_method, init_minmax, in
 
 __all__ = [
     "METHODS", "REPQ_PERCENTILES", "CalibConfig", "calibrate", "fake_quant", "init_by_method", "init_minmax",
-    "init_percentile", "init_percentile_search", "reparam_layernorm", "search_conv_mse", "search_linear_mse",
+    "init_percentile", "init_percentile_search", "keep_zero_points_in_codes", "reparam_layernorm", "search_conv_mse", "search_linear_mse",
     "search_matmul_mse",
 ]

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from ..adapters import layer_role, prev_layernorm, reconstruction_blocks
 from ..capture import StopForward, run_until_stopped
 from ..errors import VitqError
-from ..qmodules import QuantConv2d, QuantLinear, QuantMatMul, QuantMode, QuantModule, quant_modules, set_mode
+from ..qmodules import (QuantConv2d, QuantLinear, QuantMatMul, QuantMode, QuantModule, iter_quantizers,
+                        quant_modules, set_mode)
 from .config import CalibConfig
 from .mse_search import search_conv_mse, search_linear_mse, search_matmul_mse
 from .repq_fold import per_channel_params, reparam_layernorm
@@ -156,3 +157,26 @@ def calibrate(model: nn.Module, images: torch.Tensor, cfg: CalibConfig, device: 
     bar.close()
     set_mode(model, QuantMode.QUANT)
     return {"modules": n_modules, "folded_layers": folded, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+@torch.no_grad()
+def keep_zero_points_in_codes(model: nn.Module) -> list[str]:
+    """Widen every affine grid whose zero point lies outside its codes to the nearest one that includes 0.
+
+    Integer kernels take a zero point inside the code range (onnxruntime's int8 MatMul: 0..255); the
+    FIMA-Q search may pick a range that excludes 0 (near-uniform attention probabilities). The new
+    range is ``[min(lo, 0), max(hi, 0)]`` of the old representable ``[lo, hi]``. Returns the names changed.
+    """
+    changed = []
+    for name, q in iter_quantizers(model):
+        if not (q.enabled and q.grid_searchable and q.is_calibrated) or getattr(q, "symmetric", False):
+            continue
+        qmin, qmax = q.quant_range()
+        z = torch.round(q.zero_point).expand_as(q.scale) if q.zero_point.numel() == 1 else torch.round(q.zero_point)
+        if bool(((z >= qmin) & (z <= qmax)).all()):
+            continue
+        s = q.scale.detach()
+        lo, hi = s * (qmin - z), s * (qmax - z)
+        q.set_range(torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi)))
+        changed.append(name)
+    return changed

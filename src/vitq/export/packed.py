@@ -22,104 +22,27 @@ and ``config.json``.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..adapters import architecture_of
 from ..api import (META_KEYS, first_line_of_load_error, portable_pretrained_cfg, rebuild_quantized,
                    weights_do_not_fit)
-from ..data import atomic_write_bytes, current_umask
+from ..data import atomic_write_bytes
 from ..errors import VitqError
-from ..models import read_json, resolve_model_folder
+from ..models import read_json
 from ..qmodules import QuantMode, quant_modules, set_mode
-from ..quantizers import Quantizer
+from ..quantizers import IntegerView, Quantizer
+from .folder import write_folder, write_json
 from .packing import pack_codes, unpack_codes
 
 PACKED_FORMAT = "vitq-packed-v1"
-FORMATS = ("packed",)
 CODES_SUFFIX = ".codes"
 # The base Quantizer's min/max observer statistics: only calibration reads them, so packed weight
 # quantizers leave them out (they are as large as the scales and zero points together).
 OBSERVER_BUFFERS = ("min_val", "max_val")
-ARCH_KEYS = ("timm_name", "arch_kwargs", "family")
-
-
-# --------------------------------------------------------------------------- reading sources
-
-def _model_folder(path: Path) -> Path:
-    """The model folder of a ``vitq quantize`` run folder or model folder (as ``vitq.load_model``)."""
-    if not path.exists():
-        raise VitqError(f"{path} does not exist: pass a `vitq quantize` run folder or its model/ folder")
-    if not path.is_dir():
-        raise VitqError(f"{path} is not a folder: pass a `vitq quantize` run folder or its model/ folder")
-    path = resolve_model_folder(path)
-    if not (path / "config.json").is_file():
-        raise VitqError(f"{path} is not a vitq run or model folder (no config.json): pass a `vitq quantize` "
-                        "run folder or its model/ folder")
-    return path
-
-
-def _load_source(source: nn.Module | str | Path,
-                 architecture: dict[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
-    """(the quantized model, how to rebuild its float model) from a model or a folder."""
-    if isinstance(source, nn.Module):
-        if getattr(source, "vitq_config", None) is None:
-            raise VitqError("this model is not quantized (no vitq_config): quantize it with vitq.quantize "
-                            "before exporting")
-        return source, architecture if architecture is not None else architecture_of(source)
-    folder = _model_folder(Path(source).expanduser())
-    config = read_json(folder / "config.json")
-    fmt = str(config.get("format"))
-    if fmt == PACKED_FORMAT:
-        model = load_packed(folder)
-    elif fmt.startswith("vitq-quantized"):
-        from ..api import load_quantized
-
-        model = load_quantized(folder)  # says how to fix an older format
-    else:
-        raise VitqError(f"{folder} holds a float model, not a quantized one: quantize it first "
-                        f"(`vitq quantize --model {folder} ...`) and export the run folder")
-    # the folder's own record rebuilds exactly (timm's pretrained_cfg alone may miss constructor arguments)
-    arch = architecture if architecture is not None else {k: config[k] for k in ARCH_KEYS if k in config}
-    return model, arch
-
-
-# --------------------------------------------------------------------------- output folder
-
-def _check_out(out: Path) -> None:
-    """Refuse an output that is neither absent, an empty folder nor a previous packed export."""
-    if not out.exists():
-        return
-    if out.is_dir() and not any(out.iterdir()):
-        return
-    if out.is_dir() and (out / "config.json").is_file():
-        try:
-            previous = json.loads((out / "config.json").read_text()).get("format")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            previous = None
-        if previous == PACKED_FORMAT:
-            return
-    raise VitqError(f"{out} exists and is not an empty folder or a previous packed export: "
-                    "choose another --out or remove it")
-
-
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``; a previous export there goes only once it is ready."""
-    _check_out(out)  # again: something else may have appeared there while the model was loading
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-    os.replace(out, old / "previous")
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- export
@@ -134,6 +57,28 @@ def _fp32_bytes(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
+def weight_codes(module: nn.Module, weight: torch.Tensor, name: str) -> tuple[torch.Tensor, IntegerView]:
+    """(int32 codes, integer view) of a quant module's weight, checked against its fake-quant weight."""
+    q = module.w_quantizer
+    view = q.integer_view()
+    if view.kind != "uniform":
+        raise VitqError(f"the weight of {name} has a {view.kind!r} grid; vitq exports uniform weight grids "
+                        "only: quantize the weights with a uniform quantizer")
+    codes = q.codes(weight)
+    # The integer form must reproduce what the fake-quant model computes; an off-by-one code is
+    # a whole step, far above this tolerance.
+    was_training = q.training
+    q.eval()
+    fake = q(weight)
+    q.train(was_training)
+    dequant = (codes.to(view.scale.dtype) - view.zero_point) * view.scale
+    if not bool(((dequant - fake).abs() <= 1e-3 * view.scale.abs()).all()):
+        raise VitqError(f"the integer codes of {name} do not reproduce its fake-quantized weight: "
+                        "its quantizer's integer_view()/codes() disagree with its forward")
+    return codes, view
+
+
+@torch.no_grad()
 def _pack_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """Replace every weight with an enabled quantizer in ``state`` by its packed codes; their metadata."""
     packed: dict[str, dict[str, Any]] = {}
@@ -145,22 +90,8 @@ def _pack_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
         if weight_key not in state:
             raise VitqError(f"the weight of {name} is still parametrized (unfinished low-rank compensation): "
                             "export a model that vitq.quantize has finished")
-        view = q.integer_view()
-        if view.kind != "uniform":
-            raise VitqError(f"the weight of {name} has a {view.kind!r} grid; packed export stores uniform "
-                            "weight grids only: quantize the weights with a uniform quantizer")
         weight = module.weight.detach()
-        codes = q.codes(weight)
-        # The integer form must reproduce what the fake-quant model computes; an off-by-one code is
-        # a whole step, far above this tolerance.
-        was_training = q.training
-        q.eval()
-        fake = q(weight)
-        q.train(was_training)
-        dequant = (codes.to(view.scale.dtype) - view.zero_point) * view.scale
-        if not bool(((dequant - fake).abs() <= 1e-3 * view.scale.abs()).all()):
-            raise VitqError(f"the integer codes of {name} do not reproduce its fake-quantized weight: "
-                            "its quantizer's integer_view()/codes() disagree with its forward")
+        codes, view = weight_codes(module, weight, name)
         state.pop(weight_key)
         state[weight_key + CODES_SUFFIX] = pack_codes(codes - view.qmin, view.bits)
         for buf in OBSERVER_BUFFERS:
@@ -172,23 +103,10 @@ def _pack_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
     return packed
 
 
-def export(model_or_path: nn.Module | str | Path, out: str | Path, format: str = "packed", *,
-           architecture: dict[str, Any] | None = None) -> Path:
-    """Write a quantized model (a model from ``vitq.quantize`` or a run/model folder) as a packed folder.
-
-    ``format``: ``"packed"`` (the only one so far). ``out`` must be absent, an empty folder or a
-    previous packed export (which is replaced). The folder is written beside ``out`` and renamed
-    into place, so an interrupted export leaves no partial ``out``. ``architecture`` as in
-    :func:`vitq.save_quantized` (default: the model's adapter reads it, or the folder's config).
-    ``vitq.load_model(out)`` loads it back to the fake-quant model's logits. Returns ``out``.
-    """
+def export_packed(model: nn.Module, arch: dict[str, Any], out: Path) -> Path:
+    """Write a quantized model as a packed folder at ``out`` (see :func:`vitq.export.export`)."""
     from safetensors.torch import save
 
-    if format not in FORMATS:
-        raise VitqError(f"unknown export format {format!r}: use {', '.join(FORMATS)}")
-    out = Path(out).expanduser()
-    _check_out(out)
-    model, arch = _load_source(model_or_path, architecture)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     fp32_bytes = _fp32_bytes(model, state)
     weights = _pack_weights(model, state)
@@ -200,19 +118,13 @@ def export(model_or_path: nn.Module | str | Path, out: str | Path, format: str =
                           "dropped_quantizer_buffers": list(OBSERVER_BUFFERS), "fp32_bytes": fp32_bytes,
                           "weights": weights}}
     blob = save(state)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
+
+    def fill(tmp: Path) -> None:
         atomic_write_bytes(tmp / "model.safetensors", lambda fh: fh.write(blob))
-        atomic_write_bytes(tmp / "config.json", lambda fh: fh.write(json.dumps(config, indent=2).encode()))
-        report = packed_size_report(tmp)
-        atomic_write_bytes(tmp / "export.json", lambda fh: fh.write(json.dumps(report, indent=2).encode()))
-        _replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "export.json", packed_size_report(tmp))
+
+    return write_folder(out, fill)
 
 
 # --------------------------------------------------------------------------- size

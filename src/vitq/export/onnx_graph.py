@@ -1,0 +1,502 @@
+"""ONNX export of a quantized model: QuantizeLinear / DequantizeLinear graphs onnxruntime runs.
+
+How: the model is copied, every quantizer in the copy is replaced by a one-line marker op
+(``vitq_export::quant``, a torch custom op that runs the original quantizer), every QuantLinear by
+``x @ Wᵀ + b`` on the transposed weight, and ``torch.onnx.export`` (the torch.export path) turns
+each marker into the ONNX nodes its quantizer's :class:`~vitq.quantizers.IntegerView` calls for
+(the translation table below). So the graph is the fake-quant model op for op, and weights are
+stored as integer codes (int4/uint4 at 4 bits, 8-bit types otherwise), never as float. onnxruntime
+then computes what vitq computes, except where its LayerNorm / GELU / softmax kernels round the last
+bit differently and a value on a rounding boundary gets the next code (rare; one step of one element).
+
+What a quantizer becomes (``x`` an activation, ``z`` its integer zero point, codes ``qmin..qmax``):
+
+=====================================  ===============================================================
+uniform, ``qmin <= z <= qmax``, the    ``QuantizeLinear -> DequantizeLinear`` in the type of exactly
+bits a type has (8; 4 from opset 21)   that range (uint8/int8/uint4/int4): saturation is the clamp
+uniform, other bits or ``z`` outside   ``Max/Min`` on the float range ``[s(qmin-z), s(qmax-z)]``
+the codes (e.g. 3 bits, or a post-     then QDQ in an 8- or 16-bit type whose zero point holds the
+softmax range that excludes 0)         same offsets; exact, since ``round`` of a clipped value is the
+                                       clamped code
+uniform per head / per token           the same arithmetic in float ops (``Div, Round, Add, Clip, Sub,
+                                       Mul``): onnxruntime fuses a per-axis activation DQ into
+                                       MatMulIntegerToFloat, which refuses per-axis zero points
+log2 / log-sqrt2 (post-softmax)        ``Div, Max, Log, Mul, Round, Clip, Pow, Mul, Where`` (QDQ has no
+                                       log grid); matches ``torch.log2`` up to float rounding
+DFQ (AIQViT)                           ``Sub, Div, Round, Clip, Mul, Add`` (and ``Where`` for "zero")
+weights                                ``DequantizeLinear`` of the integer codes (per channel)
+=====================================  ===============================================================
+
+Profiles (``profile=``):
+
+* ``exact``: any vitq model, as above.
+* ``int8``: every activation quantizer uniform per tensor with its zero point inside the codes
+  (``vitq quantize --target ort-int8`` calibrates and reconstructs under that constraint) and 8-bit
+  weights stored as int8: onnxruntime fuses ``DQ -> MatMul`` into ``MatMulIntegerToFloat``.
+* ``w4``: weight-only: activation quantizers are dropped, the (<= 4-bit, per-channel) weight codes of
+  every Linear become blocked uint4 ``DequantizeLinear`` (``block_size``), which onnxruntime fuses
+  into ``MatMulNBits``; the rounding is vitq's (AdaRound's, after reconstruction).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import VitqError
+from ..qmodules import QuantLinear, QuantMode, iter_quantizers, quant_modules, set_mode
+from ..quantizers import IntegerView, Quantizer
+from .packed import weight_codes
+
+PROFILES = ("exact", "int8", "w4")
+MIN_OPSET = 21  # int4/uint4 QuantizeLinear / DequantizeLinear and blocked weights
+
+
+def require_onnx() -> None:
+    """One line naming the fix when the export extra is missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise VitqError(f"ONNX export needs onnx, onnxscript and onnxruntime ({exc.name} is missing): "
+                        "pip install 'vitq[export]'") from None
+
+
+# --------------------------------------------------------------------------- integer storage
+
+# (numpy dtype of the stored values, onnx element type name, lowest, highest)
+_STORAGE = {
+    "uint4": (np.uint8, "UINT4", 0, 15), "int4": (np.int8, "INT4", -8, 7),
+    "uint8": (np.uint8, "UINT8", 0, 255), "int8": (np.int8, "INT8", -128, 127),
+    "uint16": (np.uint16, "UINT16", 0, 65535), "int16": (np.int16, "INT16", -32768, 32767),
+}
+
+
+def _tensor(name: str, values: np.ndarray, storage: str) -> Any:
+    """An onnx TensorProto of ``values`` (integers) in ``storage`` (4-bit types packed by onnx)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    np_type, onnx_type, _, _ = _STORAGE[storage]
+    if storage in ("uint4", "int4"):
+        return helper.make_tensor(name, getattr(TensorProto, onnx_type), list(values.shape),
+                                  values.astype(np.int64).reshape(-1).tolist())
+    return numpy_helper.from_array(values.astype(np_type), name)
+
+
+def _float(name: str, values: np.ndarray | float) -> Any:
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.asarray(values, dtype=np.float32), name)
+
+
+def _fits(values: np.ndarray, storage: str) -> bool:
+    _, _, lo, hi = _STORAGE[storage]
+    return bool(values.size == 0 or (values.min() >= lo and values.max() <= hi))
+
+
+def _scale_zero(view: IntegerView) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and integer zero point broadcast to one shape (a token-wise scale may share one zero point)."""
+    s = view.scale.detach().float().cpu().numpy()
+    z = np.rint(view.zero_point.detach().float().cpu().numpy()).astype(np.int64)
+    return np.broadcast_arrays(s, z) if s.shape != z.shape else (s, z)
+
+
+def activation_storage(view: IntegerView, opset: int) -> tuple[str, np.ndarray, bool]:
+    """(storage type, zero point in it, whether a float clip must precede QuantizeLinear).
+
+    Natural first: a type whose range is exactly ``qmin..qmax`` with vitq's zero point. Otherwise the
+    narrowest 8/16-bit type in which some zero point ``zq`` keeps every code offset
+    ``round(x/s) in [qmin - z, qmax - z]`` representable; then the clip does the clamping.
+    """
+    z = _scale_zero(view)[1].reshape(-1)
+    signed = view.signed
+    natural = {8: "int8" if signed else "uint8", 4: "int4" if signed else "uint4"}.get(view.bits)
+    if natural is not None and (view.bits == 8 or opset >= MIN_OPSET):
+        if (_STORAGE[natural][2], _STORAGE[natural][3]) == (view.qmin, view.qmax) and _fits(z, natural):
+            return natural, z, False
+    for storage in ("uint8", "int8", "uint16", "int16"):
+        _, _, tlo, thi = _STORAGE[storage]
+        # zq in [tlo - (qmin - z), thi - (qmax - z)] and in [tlo, thi]; pick the one nearest z
+        lo = np.maximum(tlo - view.qmin + z, tlo)
+        hi = np.minimum(thi - view.qmax + z, thi)
+        if bool((lo <= hi).all()):
+            return storage, np.clip(z, lo, hi), True
+    raise VitqError(f"a {view.bits}-bit grid with zero points {int(z.min())}..{int(z.max())} fits no ONNX "
+                    "integer type: quantize the model again")
+
+
+# --------------------------------------------------------------------------- export plans
+
+@dataclass
+class QuantizerPlan:
+    """What one marker becomes in ONNX: ``emit(x, op)`` returns the output value."""
+
+    name: str
+    role: str          # "activation" | "weight" | "dropped"
+    emit: Callable[[Any, Any], Any]
+    info: dict[str, Any]
+    # what the marker computes in PyTorch (the quantizer, the fake-quant weight, or the identity)
+    reference: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+
+
+def _axis_args(view: IntegerView) -> tuple[np.ndarray, dict[str, int], list[int] | None]:
+    """1-D (or scalar) scale, the QDQ axis attribute, and the shape to view the input in first (or None).
+
+    A scale that varies along several adjacent axes (per head and per token: ``(1, H, N, 1)``) is
+    one axis of the input viewed as ``(B, H*N, rest)``; QuantizeLinear then takes it per axis.
+    """
+    s_b, _ = _scale_zero(view)
+    if s_b.size == 1:
+        return s_b.reshape(()), {}, None
+    kept = [d for d, n in enumerate(s_b.shape) if n > 1]
+    if kept != list(range(kept[0], kept[-1] + 1)):
+        return s_b, {}, None  # no per-axis form: _uniform_activation computes it arithmetically
+    if len(kept) == 1:
+        return s_b.reshape(-1), {"axis": kept[0]}, None
+    a, b = kept[0], kept[-1]
+    merged = [0] * a + [int(np.prod(s_b.shape[a:b + 1]))] + ([-1] if b + 1 < s_b.ndim else [])
+    return s_b.reshape(-1), {"axis": a}, merged
+
+
+def _uniform_activation(name: str, view: IntegerView, opset: int) -> QuantizerPlan:
+    storage, zq, clip = activation_storage(view, opset)
+    s, axis, merged = _axis_args(view)
+    if s.size > 1:
+        # onnxruntime (1.2x-1.3x) fuses a per-axis activation DequantizeLinear feeding a MatMul into
+        # MatMulIntegerToFloat, which then fails at run time ("Per-Channel is not supported yet"), so
+        # per-head / per-token grids are written as the same arithmetic in float ops
+        return _uniform_arithmetic(name, view)
+    zq = zq.reshape(()) if s.ndim == 0 else zq
+    # the float range whose codes are qmin..qmax, in the scale's broadcast shape
+    s_b, z_b = _scale_zero(view)
+    lo, hi = (s_b * (view.qmin - z_b)).astype(np.float32), (s_b * (view.qmax - z_b)).astype(np.float32)
+
+    def emit(x: Any, op: Any) -> Any:
+        if clip:
+            x = op.Min(op.Max(x, op.Constant(value=_float(f"{name}.lo", lo))), op.Constant(value=_float(f"{name}.hi", hi)))
+        scale = op.Constant(value=_float(f"{name}.scale", s))
+        zero = op.Constant(value=_tensor(f"{name}.zero_point", np.asarray(zq), storage))
+        shape = None
+        if merged is not None:
+            shape = op.Shape(x)
+            x = op.Reshape(x, op.Constant(value=_int64(f"{name}.merged", merged)))
+        y = op.DequantizeLinear(op.QuantizeLinear(x, scale, zero, **axis), scale, zero, **axis)
+        return y if shape is None else op.Reshape(y, shape)
+
+    return QuantizerPlan(name, "activation", emit, {"kind": "uniform", "bits": view.bits, "storage": storage,
+                                                    "clip": clip, "per_axis": bool(axis),
+                                                    "merged_axes": merged is not None})
+
+
+def _uniform_arithmetic(name: str, view: IntegerView) -> QuantizerPlan:
+    """``(clip(round(x / s) + z, qmin, qmax) - z) * s`` in float ops, for scales QDQ has no axis for
+    (per head and per token of kᵀ: ``(1, H, 1, N)``); exact, as QuantizeLinear's own arithmetic."""
+    s_b, z_b = _scale_zero(view)
+
+    def emit(x: Any, op: Any) -> Any:
+        scale = op.Constant(value=_float(f"{name}.scale", s_b))
+        zero = op.Constant(value=_float(f"{name}.zero_point", z_b.astype(np.float32)))
+        q = op.Clip(op.Add(op.Round(op.Div(x, scale)), zero), op.Constant(value=_float(f"{name}.qmin", float(view.qmin))),
+                    op.Constant(value=_float(f"{name}.qmax", float(view.qmax))))
+        return op.Mul(op.Sub(q, zero), scale)
+
+    return QuantizerPlan(name, "activation", emit, {"kind": "uniform", "bits": view.bits, "storage": "float",
+                                                    "arithmetic": True})
+
+
+def _log_activation(name: str, view: IntegerView) -> QuantizerPlan:
+    k = float(view.extra["k"])
+    s = view.scale.detach().float().numpy()
+
+    def emit(x: Any, op: Any) -> Any:
+        scale = op.Constant(value=_float(f"{name}.scale", s))
+        ratio = op.Max(op.Div(x, scale), op.Constant(value=_float(f"{name}.tiny", np.finfo(np.float32).tiny)))
+        q = op.Round(op.Mul(op.Log(ratio), op.Constant(value=_float(f"{name}.k", -k / math.log(2.0)))))
+        q = op.Clip(q, op.Constant(value=_float(f"{name}.qmin", 0.0)),
+                    op.Constant(value=_float(f"{name}.qmax", float(view.qmax))))
+        y = op.Mul(scale, op.Pow(op.Constant(value=_float(f"{name}.two", 2.0)),
+                                 op.Div(op.Neg(q), op.Constant(value=_float(f"{name}.base", k)))))
+        top = op.GreaterOrEqual(q, op.Constant(value=_float(f"{name}.top", float(view.qmax))))
+        return op.Where(top, op.Constant(value=_float(f"{name}.zero", 0.0)), y)
+
+    return QuantizerPlan(name, "activation", emit, {"kind": view.kind, "bits": view.bits, "storage": "float"})
+
+
+def _dfq_activation(name: str, view: IntegerView) -> QuantizerPlan:
+    b1 = view.extra["b1"].detach().float().numpy()
+    delta = view.scale.detach().float().numpy()
+    zero_mode = view.extra["below"] == "zero"
+    steps = float(2 ** view.bits - (2 if zero_mode else 1))
+
+    def emit(x: Any, op: Any) -> Any:
+        lo = op.Constant(value=_float(f"{name}.b1", b1))
+        step = op.Constant(value=_float(f"{name}.delta", delta))
+        q = op.Clip(op.Round(op.Div(op.Sub(x, lo), step)), op.Constant(value=_float(f"{name}.qmin", 0.0)),
+                    op.Constant(value=_float(f"{name}.qmax", steps)))
+        y = op.Add(lo, op.Mul(step, q))
+        if zero_mode:
+            y = op.Where(op.Less(x, lo), op.Constant(value=_float(f"{name}.zero", 0.0)), y)
+        return y
+
+    return QuantizerPlan(name, "activation", emit, {"kind": "dfq", "bits": view.bits, "storage": "float"})
+
+
+def _weight_storage(codes: np.ndarray, zero: np.ndarray, view: IntegerView, profile: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """(storage, stored codes, stored zero point) with ``(stored - zero) == (codes - z)``."""
+    if profile == "int8":  # signed weights: onnxruntime's u8s8 integer GEMM
+        shift = 128 if not view.signed else 0
+        stored, zq = codes - shift, zero - shift
+        if _fits(stored, "int8") and _fits(zq, "int8"):
+            return "int8", stored, zq
+    order = (["int4" if view.signed else "uint4"] if view.bits <= 4 else []) + ["uint8", "int8", "int16"]
+    for storage in order:
+        if _fits(codes, storage) and _fits(zero, storage):
+            return storage, codes, zero
+    for storage in ("int8", "int16"):  # a zero point outside every type: store code offsets, zero point 0
+        if _fits(codes - zero, storage):
+            return storage, codes - zero, np.zeros_like(zero)
+    raise VitqError("weight codes fit no ONNX integer type: quantize the model again")
+
+
+def _block_size(k: int) -> int:
+    """The largest power of two in 16..256 dividing ``k`` (MatMulNBits' blocks), else 32 (padded)."""
+    for bs in (256, 128, 64, 32, 16):
+        if k % bs == 0:
+            return bs
+    return 32
+
+
+def _weight_plan(name: str, module: nn.Module, transposed: bool, profile: str) -> QuantizerPlan:
+    """DequantizeLinear of ``module.weight``'s codes (``transposed``: laid out (in, out) for MatMul)."""
+    codes, view = weight_codes(module, module.weight.detach(), name.rsplit('.', 1)[0])
+    codes_np = codes.cpu().numpy().astype(np.int64)
+    scale = view.scale.detach().float().cpu().numpy()
+    zero = view.zero_point.detach().cpu().numpy().astype(np.int64)
+    per_channel = scale.size > 1
+    if per_channel and view.axis != 0:
+        raise VitqError(f"{name}: weights quantized along axis {view.axis} cannot be exported; "
+                        "vitq exports per-output-channel weight grids")
+    blocked = profile == "w4" and transposed
+    if blocked:
+        if view.bits > 4 or view.signed or not _fits(zero, "uint4"):
+            raise VitqError(f"{name} has {view.bits}-bit weights; the w4 profile takes weights of at most 4 bits "
+                            "(quantize with --w-bits 4 or --w-bits 3)")
+        k = codes_np.shape[1]
+        bs = _block_size(k)
+        n_blocks = -(-k // bs)
+        pad = n_blocks * bs - k
+        stored = np.pad(codes_np, ((0, 0), (0, pad)), constant_values=0).T  # (K_padded, N)
+        zq = zero.reshape(-1, 1).repeat(n_blocks, 1).T if per_channel else np.full((n_blocks, codes_np.shape[0]), int(zero.reshape(-1)[0]))
+        s = (scale.reshape(-1, 1).repeat(n_blocks, 1).T if per_channel
+             else np.full((n_blocks, codes_np.shape[0]), float(scale.reshape(-1)[0]), np.float32))
+        storage = "uint4"
+        info = {"block_size": bs, "padded_k": pad}
+    else:
+        storage, stored, zq = _weight_storage(codes_np, zero.reshape(-1) if per_channel else zero.reshape(()),
+                                              view, profile)
+        s = scale.reshape(-1) if per_channel else scale.reshape(())
+        if transposed:
+            stored = stored.T
+        info = {}
+    axis = {"axis": 0} if blocked else ({"axis": 1 if transposed else 0} if per_channel else {})
+    if blocked:
+        axis["block_size"] = info["block_size"]
+
+    def emit(_x: Any, op: Any) -> Any:
+        w = op.DequantizeLinear(op.Constant(value=_tensor(f"{name}.codes", np.ascontiguousarray(stored), storage)),
+                                op.Constant(value=_float(f"{name}.scale", s)),
+                                op.Constant(value=_tensor(f"{name}.zero_point", np.asarray(zq), storage)), **axis)
+        if blocked and pad:  # drop the padded input rows
+            w = op.Slice(w, op.Constant(value=_int64(f"{name}.start", [0])),
+                         op.Constant(value=_int64(f"{name}.end", [k])), op.Constant(value=_int64(f"{name}.ax", [0])))
+        return w
+
+    with torch.no_grad():
+        fake = module.w_quantizer.eval()(module.weight.detach())
+    fake = fake.t().contiguous() if transposed else fake
+    return QuantizerPlan(name, "weight", emit, {"kind": "uniform", "bits": view.bits, "storage": storage,
+                                                "per_channel": per_channel, **info}, lambda _x: fake)
+
+
+def _int64(name: str, values: list[int]) -> Any:
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+
+
+def _activation_plan(name: str, q: Quantizer, profile: str, opset: int) -> QuantizerPlan:
+    if profile == "w4":
+        return QuantizerPlan(name, "dropped", lambda x, op: op.Identity(x), {"kind": "dropped"})
+    plan = _activation_emission(name, q, profile, opset)
+    plan.reference = q
+    return plan
+
+
+def _activation_emission(name: str, q: Quantizer, profile: str, opset: int) -> QuantizerPlan:
+    view = q.integer_view()
+    if profile == "int8":
+        problem = None
+        if view.kind != "uniform":
+            problem = f"a {view.kind} grid"
+        elif view.scale.numel() > 1:
+            problem = f"{view.axis}-axis scales (one per {'head' if view.axis == 1 else 'index'})"
+        elif not (view.qmin <= float(view.zero_point.reshape(-1)[0]) <= view.qmax):
+            problem = "a zero point outside its codes"
+        if problem is not None:
+            raise VitqError(f"{name} has {problem}, which onnxruntime's integer kernels cannot take: quantize with "
+                            "--target ort-int8 for the int8 profile (or export --profile exact)")
+    if view.kind == "uniform":
+        return _uniform_activation(name, view, opset)
+    if view.kind in ("log2", "logsqrt2"):
+        return _log_activation(name, view)
+    if view.kind == "dfq":
+        return _dfq_activation(name, view)
+    raise VitqError(f"{name}: vitq cannot export a {view.kind!r} quantizer to ONNX")
+
+
+# --------------------------------------------------------------------------- the export copy
+
+_PLANS: dict[int, QuantizerPlan] = {}  # marker id -> plan, filled only while one export runs
+
+
+@torch.library.custom_op("vitq_export::quant", mutates_args=())
+def _quant_marker(x: torch.Tensor, ident: int) -> torch.Tensor:
+    """Stands for quantizer ``ident`` in the traced graph; run eagerly, it is the plan's PyTorch reference."""
+    return _PLANS[ident].reference(x).clone()
+
+
+@_quant_marker.register_fake
+def _(x: torch.Tensor, ident: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _translate_marker(x: Any, ident: int) -> Any:
+    from onnxscript import opset21 as op
+
+    return _PLANS[ident].emit(x, op)
+
+
+class _ExportQuant(nn.Module):
+    """The marker in place of a quantizer (what the ONNX graph computes there, run eagerly under ``plans_active``)."""
+
+    def __init__(self, ident: int) -> None:
+        super().__init__()
+        self.ident = ident
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _quant_marker(x, self.ident)
+
+
+class _ExportLinear(nn.Module):
+    """``aq(x) @ wq(Wᵀ) + b [+ side(aq(x))]``: MatMul on an (in, out) weight, the layout integer kernels fuse."""
+
+    def __init__(self, linear: QuantLinear, a_marker: nn.Module | None, w_marker: nn.Module | None) -> None:
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = linear.bias
+        self.a_marker, self.w_marker, self.side = a_marker, w_marker, linear.side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_marker is not None:
+            x = self.a_marker(x)
+        w = self.weight_t if self.w_marker is None else self.w_marker(self.weight_t)
+        y = x @ w
+        if self.bias is not None:
+            y = y + self.bias
+        if self.side is not None:
+            y = y + self.side(x)
+        return y
+
+
+def build_export_copy(model: nn.Module, profile: str, opset: int) -> tuple[nn.Module, dict[int, QuantizerPlan]]:
+    """A copy of ``model`` with markers in place of quantizers, and each marker's plan."""
+    if profile not in PROFILES:
+        raise VitqError(f"unknown ONNX profile {profile!r}: use {', '.join(PROFILES)}")
+    if not any(True for _ in iter_quantizers(model)):
+        raise VitqError("this model has no quantizers: quantize it with vitq.quantize before exporting")
+    for name, q in iter_quantizers(model):
+        if q.enabled and not q.is_calibrated:
+            raise VitqError(f"{name} is not calibrated: export a model that vitq.quantize has finished")
+    if profile == "w4" and not any(m.w_quantizer is not None for _, m in quant_modules(model)
+                                   if isinstance(m, QuantLinear)):
+        raise VitqError("the w4 profile needs quantized Linear weights; this model has none")
+    work = copy.deepcopy(model).eval()
+    set_mode(work, QuantMode.QUANT)
+    plans: dict[int, QuantizerPlan] = {}
+
+    def marker(plan: QuantizerPlan) -> _ExportQuant:
+        ident = len(plans)
+        plans[ident] = plan
+        return _ExportQuant(ident)
+
+    from ..adapters.layers import set_submodule
+
+    for name, module in list(quant_modules(work)):
+        aq, wq = getattr(module, "a_quantizer", None), getattr(module, "w_quantizer", None)
+        if isinstance(module, QuantLinear):
+            a_m = marker(_activation_plan(f"{name}.a_quantizer", aq, profile, opset)) if aq is not None else None
+            w_m = marker(_weight_plan(f"{name}.w_quantizer", module, True, profile)) if wq is not None else None
+            set_submodule(work, name, _ExportLinear(module, a_m, w_m))
+            continue
+        for slot, q in list(module.quantizers()):
+            if slot == "w_quantizer":
+                plan = _weight_plan(f"{name}.{slot}", module, False, profile)
+            else:
+                plan = _activation_plan(f"{name}.{slot}", q, profile, opset)
+            setattr(module, slot, marker(plan))
+    return work, plans
+
+
+@contextlib.contextmanager
+def plans_active(plans: dict[int, QuantizerPlan]) -> Iterator[None]:
+    """Make ``plans`` the ones the markers stand for (export and eager runs of an export copy)."""
+    _PLANS.clear()
+    _PLANS.update(plans)
+    try:
+        yield
+    finally:
+        _PLANS.clear()
+
+
+@torch.no_grad()
+def profile_logits(work: nn.Module, plans: dict[int, QuantizerPlan], images: torch.Tensor) -> torch.Tensor:
+    """What the exported graph should compute: the export copy run in PyTorch (for ``w4``, without activation
+    quantizers; otherwise the fake-quant model's own logits)."""
+    with plans_active(plans):
+        return work(images)
+
+
+def export_onnx_model(model: nn.Module, example: torch.Tensor, profile: str = "exact", opset: int = MIN_OPSET
+                      ) -> tuple[Any, nn.Module, dict[int, QuantizerPlan]]:
+    """The ``onnx.ModelProto`` of a quantized model (batch dimension dynamic), the export copy and its plans."""
+    require_onnx()
+    if opset < MIN_OPSET:
+        raise VitqError(f"opset {opset} is too low: vitq's ONNX export needs opset {MIN_OPSET} or newer "
+                        f"(int4/uint4 QuantizeLinear/DequantizeLinear, blocked weights): pass --opset {MIN_OPSET}")
+    import warnings
+
+    work, plans = build_export_copy(model, profile, opset)
+    try:
+        with plans_active(plans), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                work, (example,), dynamo=True, opset_version=opset, input_names=["images"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), verbose=False,
+                custom_translation_table={torch.ops.vitq_export.quant.default: _translate_marker})
+    except VitqError:
+        raise
+    except Exception as exc:  # the exporter's own errors are long reports; keep the first line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VitqError(f"torch.onnx.export failed for this model ({first})") from None
+    proto = program.model_proto
+    for node in proto.graph.node:  # the exporter's per-node debug records (stack traces): most of a small file
+        del node.metadata_props[:]
+    return proto, work, plans
