@@ -270,6 +270,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name, w, a, t1, t5, sec in rows:
         print(f"{name:<26}{w:>7}{a:>7}{t1:>9.2f}{t5:>9.2f}{sec:>9}")
     print(f"\nreport: {out / 'report.json'}   quantized model: {out / 'model'}")
+    print(f"to onnxruntime: vitq export {out} --format onnx --out {out}-onnx")
     from .reporting import plots_available, write_report
 
     # the demo's work is done: without the optional matplotlib it says how to get the page, not fail

@@ -12,11 +12,12 @@ bit differently and a value on a rounding boundary gets the next code (rare; one
 What a quantizer becomes (``x`` an activation, ``z`` its integer zero point, codes ``qmin..qmax``):
 
 =====================================  ===============================================================
-uniform, ``qmin <= z <= qmax``, the    ``QuantizeLinear -> DequantizeLinear`` in the type of exactly
-bits a type has (8; 4 from opset 21)   that range (uint8/int8/uint4/int4): saturation is the clamp
-uniform, other bits or ``z`` outside   ``Max/Min`` on the float range ``[s(qmin-z), s(qmax-z)]``
-the codes (e.g. 3 bits, or a post-     then QDQ in an 8- or 16-bit type whose zero point holds the
-softmax range that excludes 0)         same offsets; exact, since ``round`` of a clipped value is the
+uniform per tensor, ``qmin <= z <=    ``QuantizeLinear -> DequantizeLinear`` in the type of exactly
+qmax``, bits a type has (8; 4)         that range (uint8/int8/uint4/int4): saturation is the clamp
+uniform per tensor, other bits or ``z`` ``Max/Min`` on the float range ``[s(qmin-z), s(qmax-z)]``
+outside the codes (e.g. 3 bits, or a
+post-softmax range that excludes 0)   then QDQ in an 8- or 16-bit type whose zero point holds the
+                                       same offsets; exact, since ``round`` of a clipped value is the
                                        clamped code
 uniform per head / per token           the same arithmetic in float ops (``Div, Round, Add, Clip, Sub,
                                        Mul``): onnxruntime fuses a per-axis activation DQ into
@@ -147,53 +148,27 @@ class QuantizerPlan:
     reference: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
 
 
-def _axis_args(view: IntegerView) -> tuple[np.ndarray, dict[str, int], list[int] | None]:
-    """1-D (or scalar) scale, the QDQ axis attribute, and the shape to view the input in first (or None).
-
-    A scale that varies along several adjacent axes (per head and per token: ``(1, H, N, 1)``) is
-    one axis of the input viewed as ``(B, H*N, rest)``; QuantizeLinear then takes it per axis.
-    """
-    s_b, _ = _scale_zero(view)
-    if s_b.size == 1:
-        return s_b.reshape(()), {}, None
-    kept = [d for d, n in enumerate(s_b.shape) if n > 1]
-    if kept != list(range(kept[0], kept[-1] + 1)):
-        return s_b, {}, None  # no per-axis form: _uniform_activation computes it arithmetically
-    if len(kept) == 1:
-        return s_b.reshape(-1), {"axis": kept[0]}, None
-    a, b = kept[0], kept[-1]
-    merged = [0] * a + [int(np.prod(s_b.shape[a:b + 1]))] + ([-1] if b + 1 < s_b.ndim else [])
-    return s_b.reshape(-1), {"axis": a}, merged
-
-
 def _uniform_activation(name: str, view: IntegerView, opset: int) -> QuantizerPlan:
-    storage, zq, clip = activation_storage(view, opset)
-    s, axis, merged = _axis_args(view)
-    if s.size > 1:
+    s_b, z_b = _scale_zero(view)
+    if s_b.size > 1:
         # onnxruntime (1.2x-1.3x) fuses a per-axis activation DequantizeLinear feeding a MatMul into
         # MatMulIntegerToFloat, which then fails at run time ("Per-Channel is not supported yet"), so
         # per-head / per-token grids are written as the same arithmetic in float ops
         return _uniform_arithmetic(name, view)
-    zq = zq.reshape(()) if s.ndim == 0 else zq
-    # the float range whose codes are qmin..qmax, in the scale's broadcast shape
-    s_b, z_b = _scale_zero(view)
+    storage, zq, clip = activation_storage(view, opset)
+    # the float range whose codes are qmin..qmax
     lo, hi = (s_b * (view.qmin - z_b)).astype(np.float32), (s_b * (view.qmax - z_b)).astype(np.float32)
 
     def emit(x: Any, op: Any) -> Any:
         if clip:
-            x = op.Min(op.Max(x, op.Constant(value=_float(f"{name}.lo", lo))), op.Constant(value=_float(f"{name}.hi", hi)))
-        scale = op.Constant(value=_float(f"{name}.scale", s))
-        zero = op.Constant(value=_tensor(f"{name}.zero_point", np.asarray(zq), storage))
-        shape = None
-        if merged is not None:
-            shape = op.Shape(x)
-            x = op.Reshape(x, op.Constant(value=_int64(f"{name}.merged", merged)))
-        y = op.DequantizeLinear(op.QuantizeLinear(x, scale, zero, **axis), scale, zero, **axis)
-        return y if shape is None else op.Reshape(y, shape)
+            x = op.Min(op.Max(x, op.Constant(value=_float(f"{name}.lo", lo.reshape(())))),
+                       op.Constant(value=_float(f"{name}.hi", hi.reshape(()))))
+        scale = op.Constant(value=_float(f"{name}.scale", s_b.reshape(())))
+        zero = op.Constant(value=_tensor(f"{name}.zero_point", np.asarray(zq).reshape(()), storage))
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero), scale, zero)
 
     return QuantizerPlan(name, "activation", emit, {"kind": "uniform", "bits": view.bits, "storage": storage,
-                                                    "clip": clip, "per_axis": bool(axis),
-                                                    "merged_axes": merged is not None})
+                                                    "clip": clip})
 
 
 def _uniform_arithmetic(name: str, view: IntegerView) -> QuantizerPlan:
@@ -408,9 +383,14 @@ class _ExportLinear(nn.Module):
         if self.a_marker is not None:
             x = self.a_marker(x)
         w = self.weight_t if self.w_marker is None else self.w_marker(self.weight_t)
-        y = x @ w
+        # a 2-D MatMul + Add becomes a float Gemm in onnxruntime before its integer fusions run, so a
+        # (B, C) input (the classifier head) goes through as (B, 1, C)
+        flat = x.dim() == 2
+        y = (x.unsqueeze(1) if flat else x) @ w
         if self.bias is not None:
             y = y + self.bias
+        if flat:
+            y = y.squeeze(1)
         if self.side is not None:
             y = y + self.side(x)
         return y
