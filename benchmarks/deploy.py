@@ -175,7 +175,8 @@ def deit_models(images: torch.Tensor) -> dict[str, dict]:
                               ("vitq-w4a4-exact", "exact", dict(w_bits=4, a_bits=4))):
         out = d / name
         if not (out / "model.onnx").is_file():
-            q = vitq.quantize(copy.deepcopy(deit), images, "minmax", calib_size=len(images), device="cpu", **kw)
+            q = vitq.quantize(copy.deepcopy(deit), images, "minmax", calib_size=len(images), device="cpu", progress=False,
+                              **kw)
             vitq.export(q, out, "onnx", profile=profile, check_images=images[:2])
         models[name] = {"path": out / "model.onnx", "how": f"minmax calibration on {len(images)} ImageNet images"}
         if profile == "w4":
