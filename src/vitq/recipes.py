@@ -28,12 +28,18 @@ preset         what it is
 Reconstruction presets use the paper's budget (20,000 iterations per block, 1024 optimisation
 images, batch 32, k=5, T=20, QDrop 0.5); lower ``iters`` for a quick run.
 
+A ``target`` says where the model will run: ``simulated`` (default: any quantizer), ``ort-int8``
+(onnxruntime's integer kernels) or ``ort-w4`` (4-bit weight-only). ``get_recipe`` fits the preset to
+it (e.g. per-tensor attention operands for ``ort-int8``) unless the caller set that field, and
+:func:`target_changes` says in words what changed; an explicit setting the target cannot run is refused.
+
 Overrides are plain ``dataclasses.replace`` calls: top-level fields by name, nested configs as
 dicts of their fields (or whole config objects)::
 
     get_recipe("fimaq", w_bits=3, reconstruction={"iters": 500, "rank": 15})
     get_recipe("fimaq+dfq", softmax_options={"granularity": "head"})
     get_recipe("aiqvit", softmax_quantizer="uniform", aiq={"curriculum": False})
+    get_recipe("fimaq", w_bits=8, a_bits=8, target="ort-int8")
 """
 
 from __future__ import annotations
