@@ -114,6 +114,7 @@ def test_int8_profile_runs_on_integer_kernels(images, tmp_path):
                       **CALIB)
     assert vitq.recipe_of(q).target == "ort-int8"
     report = _export(q, tmp_path, "int8", images, profile="int8")
+    assert (report["recipe"], report["target"]) == ("qdrop", "ort-int8")
     kernels = report["integer_kernels"]
     # every Linear of the blocks and both attention matmuls of each block become integer kernels
     assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) >= 12

@@ -119,6 +119,7 @@ def export_onnx(model: nn.Module, out: Path, *, profile: str = "exact", opset: i
     report: dict[str, Any] = {
         "format": ONNX_FORMAT, "profile": profile, "opset": opset, "export_seconds": round(seconds, 2),
         "recipe": (model.vitq_config or {}).get("recipe", {}).get("name"),
+        "target": (model.vitq_config or {}).get("recipe", {}).get("target", "simulated"),
         "quantizers": dict(sorted(roles.items())), "storage": dict(sorted(storage.items())),
         "dropped": sorted(plan.name for plan in plans.values() if plan.role == "dropped"),
         "clipped_activations": sorted(plan.name for plan in plans.values() if plan.info.get("clip")),
