@@ -381,17 +381,44 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_source_and_check_images(source: Path):
+    """(the model to export, 8 images of the data it was quantized on to check the ONNX graph with),
+    or (the folder, None) when the run does not say its data: the check then uses a fixed random batch."""
+    report_path = source / "report.json"
+    data = None
+    if report_path.is_file():
+        try:
+            data = json.loads(report_path.read_text()).get("data")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            data = None
+    if data is None:
+        return source, None
+    from .api import calibration_images
+    from .models import load_model
+
+    model = load_model(str(source))
+    try:
+        return model, calibration_images(model, data, 8, seed=0)
+    except VitqError:  # the data moved since the run: check on a random batch instead
+        return model, None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export, packed_size_report
 
-    out = export(args.source, args.out, format=args.format, profile=args.profile, opset=args.opset)
+    source, check = args.source, None
+    if args.format == "onnx":
+        source, check = _export_source_and_check_images(Path(args.source))
+    out = export(source, args.out, format=args.format, profile=args.profile, opset=args.opset, check_images=check)
     if args.format == "onnx":
         report = json.loads((out / "export.json").read_text())
         check = report["check"]
         kernels = ", ".join(f"{n} {op}" for op, n in report["integer_kernels"].items()) or "none"
+        images = f"{check['images']} {'calibration' if check['input'] == 'given' else 'random'} images"
         print(f"{args.source} -> {out / 'model.onnx'} (onnx, profile {args.profile}, opset {args.opset}): "
-              f"{report['file_bytes'] / 1e6:.2f} MB; onnxruntime vs vitq max |logit diff| "
-              f"{check['max_abs_logit_diff']:.2e} on {check['images']} check images; integer kernels: {kernels} "
+              f"{report['file_bytes'] / 1e6:.2f} MB; onnxruntime vs vitq on {images}: same top-1 "
+              f"{check['same_top1_optimized']:.0%}, max |logit diff| {check['max_abs_logit_diff_optimized']:.2e} "
+              f"of {check['max_abs_logit']:.2f}; integer kernels: {kernels} "
               f"({report['integer_matmul_share']:.0%} of matmul/conv nodes)")
         return 0
     size = packed_size_report(out)

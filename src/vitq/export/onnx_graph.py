@@ -322,7 +322,7 @@ def _activation_emission(name: str, q: Quantizer, profile: str, opset: int) -> Q
         if view.kind != "uniform":
             problem = f"a {view.kind} grid"
         elif view.scale.numel() > 1:
-            problem = f"{view.axis}-axis scales (one per {'head' if view.axis == 1 else 'index'})"
+            problem = f"scales of shape {tuple(view.scale.shape)} (per head or per token)"
         elif not (view.qmin <= float(view.zero_point.reshape(-1)[0]) <= view.qmax):
             problem = "a zero point outside its codes"
         if problem is not None:
