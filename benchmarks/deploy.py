@@ -314,7 +314,10 @@ def summarise(results: dict) -> str:
              "optimisations. Latency is the median wall time of one `session.run` after two warm-up runs; "
              "ratios are FP32's latency over the model's (higher is faster), from the same run. Integer share: "
              "integer matmul/conv kernels over all matmul/conv kernels in onnxruntime's optimised graph (a node "
-             "count). Top-1 on the 10,000 CIFAR-10 test images through onnxruntime.", ""]
+             "count). Top-1 on the 10,000 CIFAR-10 test images through onnxruntime.", "",
+             "The first pass over `cifar10_vit` shared the cores with another benchmark, so its timings were taken "
+             "again with nothing else running (`python benchmarks/deploy.py --retime cifar`; each cell's load "
+             "average is in deploy.json).", ""]
     fp_top1 = results.get("fp_top1")
     for part, title in (("cifar", "cifar10_vit (32 px, 2.7 M parameters)"),
                         ("deit", "deit_small_patch16_224 (224 px, random weights: timing only)")):
