@@ -149,7 +149,7 @@ def time_model(path: Path, image: torch.Tensor, nbits_accuracy: int = 1, budget_
     return rows
 
 
-def cifar_models(results: dict, fp, calib: torch.Tensor, loader) -> dict[str, dict]:
+def cifar_models(fp, calib: torch.Tensor) -> dict[str, dict]:
     """Every cifar10_vit ONNX file of the table (made if missing) with how it was made."""
     models: dict[str, dict] = {}
     fp_path = WORK / "onnx" / "cifar10_vit-fp32.onnx"
@@ -255,7 +255,7 @@ def main() -> None:
             print(key, cells[key], flush=True)
             save(results, args.out)
 
-    for part, make in (("cifar", lambda: cifar_models(results, fp, calib, loader)),
+    for part, make in (("cifar", lambda: cifar_models(fp, calib)),
                        ("deit", lambda: deit_models(_imagenet(args.imagenet_sample)))):
         if part not in args.parts:
             continue

@@ -100,11 +100,11 @@ def test_storage_for_a_zero_point_outside_the_codes():
     # a 4-bit post-softmax grid whose range excludes 0: z = -107, codes 0..15 -> offsets 107..122
     view = IntegerView(kind="uniform", bits=4, scale=torch.tensor([0.001]), zero_point=torch.tensor([-107.0]),
                        qmin=0, qmax=15, axis=None)
-    storage, zq, clip = activation_storage(view, 21)
+    storage, zq, clip = activation_storage(view)
     assert clip and storage == "uint8" and 0 <= int(zq[0]) and 107 + int(zq[0]) >= 0 and 122 + int(zq[0]) <= 255
     inside = IntegerView(kind="uniform", bits=4, scale=torch.tensor([0.1]), zero_point=torch.tensor([7.0]),
                          qmin=0, qmax=15, axis=None)
-    assert activation_storage(inside, 21) == ("uint4", np.array([7]), False)
+    assert activation_storage(inside) == ("uint4", np.array([7]), False)
 
 
 # ----------------------------------------------------------------------------- integer profiles

@@ -43,14 +43,10 @@ def export(model_or_path: nn.Module | str | Path, out: str | Path, format: str =
     if format == "packed" and profile != "exact":
         raise VitqError("--profile applies to --format onnx only")
     if format == "onnx":
-        from .onnx_graph import require_onnx
+        from .onnx_graph import check_export_options, require_onnx
 
         require_onnx()
-        if profile not in PROFILES:
-            raise VitqError(f"unknown ONNX profile {profile!r}: use {', '.join(PROFILES)}")
-        if opset < MIN_OPSET:
-            raise VitqError(f"opset {opset} is too low: vitq's ONNX export needs opset {MIN_OPSET} or newer "
-                            f"(int4/uint4 QuantizeLinear/DequantizeLinear, blocked weights): pass --opset {MIN_OPSET}")
+        check_export_options(profile, opset)  # before the model is loaded
     out = Path(out).expanduser()
     check_out(out)
     model, arch = load_source(model_or_path, architecture, need_architecture=format == "packed")

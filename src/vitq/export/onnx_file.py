@@ -35,8 +35,8 @@ INTEGER_KERNELS = frozenset({"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInt
 # float kernels of the same work (the rest: norms, softmax, elementwise, reshapes)
 FLOAT_MATMULS = frozenset({"MatMul", "Gemm", "Conv", "FusedMatMul", "FusedGemm", "FusedConv", "NhwcConv",
                            "FusedMatMulActivation", "MatMulBnb4"})
-MATMUL_KERNELS = INTEGER_KERNELS & {"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "MatMulNBits",
-                                    "QLinearConv", "ConvInteger", "QGemm", "DynamicQuantizeMatMul", "QAttention"}
+MATMUL_KERNELS = frozenset({"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "MatMulNBits", "QLinearConv",
+                            "ConvInteger", "QGemm", "DynamicQuantizeMatMul", "QAttention"})
 
 
 def ort_session(path: str | Path, threads: int | None = None, optimized_to: str | Path | None = None,

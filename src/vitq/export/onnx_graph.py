@@ -71,6 +71,15 @@ def require_onnx() -> None:
                         "pip install 'vitq[export]'") from None
 
 
+def check_export_options(profile: str, opset: int) -> None:
+    """One line for a profile vitq does not have or an opset without int4 QDQ."""
+    if profile not in PROFILES:
+        raise VitqError(f"unknown ONNX profile {profile!r}: use {', '.join(PROFILES)}")
+    if opset < MIN_OPSET:
+        raise VitqError(f"opset {opset} is too low: vitq's ONNX export needs opset {MIN_OPSET} or newer "
+                        f"(int4/uint4 QuantizeLinear/DequantizeLinear, blocked weights): pass --opset {MIN_OPSET}")
+
+
 # --------------------------------------------------------------------------- integer storage
 
 # (numpy dtype of the stored values, onnx element type name, lowest, highest)
@@ -110,7 +119,7 @@ def _scale_zero(view: IntegerView) -> tuple[np.ndarray, np.ndarray]:
     return np.broadcast_arrays(s, z) if s.shape != z.shape else (s, z)
 
 
-def activation_storage(view: IntegerView, opset: int) -> tuple[str, np.ndarray, bool]:
+def activation_storage(view: IntegerView) -> tuple[str, np.ndarray, bool]:
     """(storage type, zero point in it, whether a float clip must precede QuantizeLinear).
 
     Natural first: a type whose range is exactly ``qmin..qmax`` with vitq's zero point. Otherwise the
@@ -120,9 +129,10 @@ def activation_storage(view: IntegerView, opset: int) -> tuple[str, np.ndarray, 
     z = _scale_zero(view)[1].reshape(-1)
     signed = view.signed
     natural = {8: "int8" if signed else "uint8", 4: "int4" if signed else "uint4"}.get(view.bits)
-    if natural is not None and (view.bits == 8 or opset >= MIN_OPSET):
-        if (_STORAGE[natural][2], _STORAGE[natural][3]) == (view.qmin, view.qmax) and _fits(z, natural):
-            return natural, z, False
+    # (4-bit types need opset 21, the lowest check_export_options accepts)
+    if natural is not None and (_STORAGE[natural][2], _STORAGE[natural][3]) == (view.qmin, view.qmax) \
+            and _fits(z, natural):
+        return natural, z, False
     for storage in ("uint8", "int8", "uint16", "int16"):
         _, _, tlo, thi = _STORAGE[storage]
         # zq in [tlo - (qmin - z), thi - (qmax - z)] and in [tlo, thi]; pick the one nearest z
@@ -148,14 +158,14 @@ class QuantizerPlan:
     reference: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
 
 
-def _uniform_activation(name: str, view: IntegerView, opset: int) -> QuantizerPlan:
+def _uniform_activation(name: str, view: IntegerView) -> QuantizerPlan:
     s_b, z_b = _scale_zero(view)
     if s_b.size > 1:
         # onnxruntime (1.2x-1.3x) fuses a per-axis activation DequantizeLinear feeding a MatMul into
         # MatMulIntegerToFloat, which then fails at run time ("Per-Channel is not supported yet"), so
         # per-head / per-token grids are written as the same arithmetic in float ops
         return _uniform_arithmetic(name, view)
-    storage, zq, clip = activation_storage(view, opset)
+    storage, zq, clip = activation_storage(view)
     # the float range whose codes are qmin..qmax
     lo, hi = (s_b * (view.qmin - z_b)).astype(np.float32), (s_b * (view.qmax - z_b)).astype(np.float32)
 
@@ -307,15 +317,15 @@ def _int64(name: str, values: list[int]) -> Any:
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
 
 
-def _activation_plan(name: str, q: Quantizer, profile: str, opset: int) -> QuantizerPlan:
+def _activation_plan(name: str, q: Quantizer, profile: str) -> QuantizerPlan:
     if profile == "w4":
         return QuantizerPlan(name, "dropped", lambda x, op: op.Identity(x), {"kind": "dropped"})
-    plan = _activation_emission(name, q, profile, opset)
+    plan = _activation_emission(name, q, profile)
     plan.reference = q
     return plan
 
 
-def _activation_emission(name: str, q: Quantizer, profile: str, opset: int) -> QuantizerPlan:
+def _activation_emission(name: str, q: Quantizer, profile: str) -> QuantizerPlan:
     view = q.integer_view()
     if profile == "int8":
         problem = None
@@ -329,7 +339,7 @@ def _activation_emission(name: str, q: Quantizer, profile: str, opset: int) -> Q
             raise VitqError(f"{name} has {problem}, which onnxruntime's integer kernels cannot take: quantize with "
                             "--target ort-int8 for the int8 profile (or export --profile exact)")
     if view.kind == "uniform":
-        return _uniform_activation(name, view, opset)
+        return _uniform_activation(name, view)
     if view.kind in ("log2", "logsqrt2"):
         return _log_activation(name, view)
     if view.kind == "dfq":
@@ -396,10 +406,9 @@ class _ExportLinear(nn.Module):
         return y
 
 
-def build_export_copy(model: nn.Module, profile: str, opset: int) -> tuple[nn.Module, dict[int, QuantizerPlan]]:
+def build_export_copy(model: nn.Module, profile: str) -> tuple[nn.Module, dict[int, QuantizerPlan]]:
     """A copy of ``model`` with markers in place of quantizers, and each marker's plan."""
-    if profile not in PROFILES:
-        raise VitqError(f"unknown ONNX profile {profile!r}: use {', '.join(PROFILES)}")
+    check_export_options(profile, MIN_OPSET)
     if not any(True for _ in iter_quantizers(model)):
         raise VitqError("this model has no quantizers: quantize it with vitq.quantize before exporting")
     for name, q in iter_quantizers(model):
@@ -422,7 +431,7 @@ def build_export_copy(model: nn.Module, profile: str, opset: int) -> tuple[nn.Mo
     for name, module in list(quant_modules(work)):
         aq, wq = getattr(module, "a_quantizer", None), getattr(module, "w_quantizer", None)
         if isinstance(module, QuantLinear):
-            a_m = marker(_activation_plan(f"{name}.a_quantizer", aq, profile, opset)) if aq is not None else None
+            a_m = marker(_activation_plan(f"{name}.a_quantizer", aq, profile)) if aq is not None else None
             w_m = marker(_weight_plan(f"{name}.w_quantizer", module, True, profile)) if wq is not None else None
             set_submodule(work, name, _ExportLinear(module, a_m, w_m))
             continue
@@ -430,7 +439,7 @@ def build_export_copy(model: nn.Module, profile: str, opset: int) -> tuple[nn.Mo
             if slot == "w_quantizer":
                 plan = _weight_plan(f"{name}.{slot}", module, False, profile)
             else:
-                plan = _activation_plan(f"{name}.{slot}", q, profile, opset)
+                plan = _activation_plan(f"{name}.{slot}", q, profile)
             setattr(module, slot, marker(plan))
     return work, plans
 
@@ -458,12 +467,10 @@ def export_onnx_model(model: nn.Module, example: torch.Tensor, profile: str = "e
                       ) -> tuple[Any, nn.Module, dict[int, QuantizerPlan]]:
     """The ``onnx.ModelProto`` of a quantized model (batch dimension dynamic), the export copy and its plans."""
     require_onnx()
-    if opset < MIN_OPSET:
-        raise VitqError(f"opset {opset} is too low: vitq's ONNX export needs opset {MIN_OPSET} or newer "
-                        f"(int4/uint4 QuantizeLinear/DequantizeLinear, blocked weights): pass --opset {MIN_OPSET}")
+    check_export_options(profile, opset)
     import warnings
 
-    work, plans = build_export_copy(model, profile, opset)
+    work, plans = build_export_copy(model, profile)
     try:
         with plans_active(plans), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
