@@ -11,6 +11,7 @@ from ..qmodules import QuantConv2d, QuantLinear, QuantMatMul
 from ..quantizers import UniformQuantizer
 from .config import CalibConfig
 from ..quantizers.uniform import params_from_range
+from ..quantizers.kernels import reference_active
 from .stats import _quantile, _subsample_rows, fake_quant, init_percentile_search
 
 
@@ -196,22 +197,29 @@ def search_matmul_mse(module: QuantMatMul, a: torch.Tensor, b: torch.Tensor, cfg
         choice[key] = [start.clone(), start.clone()]  # [upper index, lower index]
         _set_bounds(q, up, lo, choice[key])
 
-    def out_err() -> torch.Tensor:
-        qa = module.a_quantizer(a) if module.a_quantizer is not None else a
-        qb = module.b_quantizer(b) if module.b_quantizer is not None else b
-        return (qa @ qb - ref).pow(2)
+    def quantized(key: str) -> torch.Tensor:
+        q, t = ops[key]
+        return q(t) if q is not None else t
+
+    def out_err(key: str, fixed: torch.Tensor | None) -> torch.Tensor:
+        # only operand ``key`` changes within a sweep: the other one is quantized once (``fixed``;
+        # None on the reference path, which quantized both for every candidate)
+        other = quantized("b" if key == "a" else "a") if fixed is None else fixed
+        e = quantized("a") @ other if key == "a" else other @ quantized("b")
+        return e.sub_(ref).pow_(2)
 
     def sweep(key: str, which: tuple[int, ...]) -> None:
         q, t = ops[key]
         up, lo = bounds[key]
         red = [d for d in range(t.dim()) if q._stat_shape(t)[d] == 1] if q.granularity != "tensor" else None
+        fixed = None if reference_active() else quantized("b" if key == "a" else "a")
         errs, cand = [], []
         for i in range(cfg.eq_n):
             trial = [c.clone() for c in choice[key]]
             for w in which:
                 trial[w] = torch.full_like(trial[w], i)
             _set_bounds(q, up, lo, trial)
-            e = out_err()
+            e = out_err(key, fixed)
             errs.append(e.sum(dim=red, keepdim=True) if red is not None else e.sum().reshape(1))
             cand.append(trial)
         errs_t = torch.stack(errs)  # (eq_n, *stat)

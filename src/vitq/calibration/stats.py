@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..quantizers import AffineQuantizer
+from ..quantizers.kernels import fake_quant_values, reference_active
 from .config import CalibConfig
 
 # RepQ-ViT's candidate clipping percentiles for its self-MSE initialisation.
@@ -20,7 +21,9 @@ _QUANTILE_SAMPLE = 1 << 20
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
     """Asymmetric uniform fake quantization (no gradient tricks; for searches)."""
-    return (torch.clamp(torch.round(x / scale) + zero_point, 0, qmax) - zero_point) * scale
+    if reference_active():
+        return (torch.clamp(torch.round(x / scale) + zero_point, 0, qmax) - zero_point) * scale
+    return fake_quant_values(x, scale, zero_point, 0, qmax)
 
 
 def _subsample_rows(x: torch.Tensor, n: int | None, gen: torch.Generator) -> torch.Tensor:

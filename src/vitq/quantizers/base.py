@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import VitqError
+from .kernels import qdrop_select
 
 # Bit widths that mean "do not quantize" (identity).
 OFF_BITS = (None, 16, 32)
@@ -157,8 +158,7 @@ class Quantizer(nn.Module):
 
     def _qdrop(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         if self.training and self.drop_prob < 1.0:
-            keep = torch.rand_like(x) < self.drop_prob
-            return torch.where(keep, x_hat, x)
+            return qdrop_select(x, x_hat, self.drop_prob)
         return x_hat
 
     def learned_rounding(self, weight: torch.Tensor) -> "Quantizer | None":

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..errors import VitqError
 from .base import IntegerView, Quantizer, round_ste
+from .kernels import fake_quant_ste, fake_quant_values, reference_active
 
 GRANULARITIES = ("tensor", "channel", "head", "token")
 
@@ -211,6 +212,13 @@ class UniformQuantizer(AffineQuantizer):
         self._check_ready()
         qmin, qmax = self.quant_range()
         s = self.scale
+        if not reference_active():
+            z = None if self.symmetric else torch.round(self.zero_point)
+            if torch.is_grad_enabled() and (x.requires_grad or s.requires_grad):
+                # reconstruction: one autograd node instead of a dozen (kernels.py)
+                keep = self.drop_prob if self.training and self.drop_prob < 1.0 else None
+                return fake_quant_ste(x, s, z, qmin, qmax, keep)
+            return self._qdrop(x, fake_quant_values(x, s, z, qmin, qmax))
         if self.symmetric:
             x_hat = torch.clamp(round_ste(x / s), qmin, qmax) * s
         else:

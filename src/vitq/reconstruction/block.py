@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -120,9 +121,6 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
             beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - (it - warm) / max(1, cfg.iters - warm))
             reg = cfg.round_lambda * sum(q.round_loss(beta) for q in installed)
         loss = rec + reg
-        if not torch.isfinite(loss):
-            raise VitqError(f"the reconstruction loss of {name} became NaN/Inf at iteration {it}: "
-                            "lower --act-lr / --weight-lr or check the calibration")
         if opt_w:
             opt_w.zero_grad(set_to_none=True)
         if opt_a:
@@ -136,8 +134,13 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
             sched.step()
             for q in act_qs:
                 q.project_()  # back into the valid range (a scale through zero would flip the grid)
-        rec_v, round_v = float(rec.detach()), float(reg.detach())
+        # the losses are read (a host sync on a GPU) and checked only every log_every iterations;
+        # a NaN stays NaN through Adam, so it is still caught within log_every iterations
         if it % cfg.log_every == 0 or it == cfg.iters - 1:
+            rec_v, round_v = float(rec.detach()), float(reg.detach())
+            if not math.isfinite(rec_v + round_v):
+                raise VitqError(f"the reconstruction loss of {name} became NaN/Inf by iteration {it}: "
+                                "lower --act-lr / --weight-lr or check the calibration")
             history["iteration"].append(it)
             history["rec"].append(rec_v)
             history["round"].append(round_v)

@@ -1,0 +1,243 @@
+"""Engine speed: reconstruction iteration and Fisher snapshot pass against their plain-PyTorch floors.
+
+    python benchmarks/speed.py                      # groups: blocks, e2e
+    python benchmarks/speed.py --groups blocks      # the per-block ratios only (minutes)
+
+Group ``blocks``: for one block of ``cifar10_vit`` (32 px) and of ``deit_small_patch16_224`` (224 px,
+random weights, ImageNet sample images), batch 32, W3A3 fimaq quantizers:
+
+* seconds per reconstruction iteration, through vitq's engine (``reconstruct_block``), with the fast
+  kernels (today) and the reference ones (``vitq.quantizers.kernels.reference_kernels``, the path
+  before this benchmark), from the difference of two runs of different lengths;
+* seconds per Fisher snapshot pass (the engine's ``_take_snapshot`` over the optimisation images);
+* the two floors measured in the same process (``vitq.reconstruction.cost``): forward + backward
+  of the float block at batch 32, and forward from the block's output to the logits + backward
+  over the same images;
+* the top operators of 20 fast iterations (``torch.profiler``).
+
+Group ``e2e``: ``vitq quantize``'s path (``quantize_with_summary``) for ``cifar10_vit`` W3A3 fimaq,
+500 iterations per block, seed 0, once on the reference kernels and once on the fast ones, one
+process, one thread: wall time per stage and top-1 on the 10k test images; and the cost model's
+prediction (``estimate_reconstruction``) against the measured reconstruction time.
+
+Writes ``speed.json`` and ``speed.md`` next to this script, after every measurement (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import vitq
+from vitq.adapters import prepare
+from vitq.calibration import CalibConfig, calibrate
+from vitq.data import atomic_write_bytes, build_dataset, make_loader, resolve_data
+from vitq.evaluation import evaluate
+from vitq.models import eval_transform
+from vitq.qmodules import QuantMode, set_mode
+from vitq.quantizers.kernels import reference_kernels
+from vitq.reconstruction import ReconConfig, capture_block_input, reconstruct_block
+from vitq.reconstruction.cost import estimate_reconstruction, iteration_floor, snapshot_floor
+from vitq.reconstruction.fisher import _take_snapshot
+from vitq.reconstruction.rounding import activation_quantizers, block_quant_modules
+from vitq.report import versions
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+SAMPLE = HERE.parents[1] / "shared/data/imagenet-sample-128.tar.gz"
+EVAL_BATCH = 100
+
+
+def block_setup(which: str) -> tuple:
+    """(model prepared + minmax-calibrated, block name, block input, targets) for one test block."""
+    if which == "cifar10_vit":
+        model = vitq.load_model("cifar10_vit").eval()
+        images = vitq.calibration_images(model, "cifar10", 1024, seed=0)
+        name = "blocks.1"
+    else:
+        import timm
+
+        from calibration import imagenet_sample  # benchmarks/calibration.py
+
+        model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+        images = imagenet_sample(SAMPLE, model)
+        name = "blocks.0"
+    prepare(model, vitq.get_recipe("fimaq", w_bits=3, a_bits=3).quant_spec())
+    calibrate(model, images[:32], CalibConfig(method="minmax", reparam=False), "cpu", progress=False)
+    set_mode(model, QuantMode.FLOAT)
+    for p in model.parameters():  # as in the engine: only what a block learns is trainable
+        p.requires_grad_(False)
+    block = model.get_submodule(name)
+    x = capture_block_input(model, name, block, images, 32, torch.device("cpu"), torch.device("cpu"))
+    with torch.no_grad():
+        logits = torch.cat([model(images[i:i + 64]) for i in range(0, len(images), 64)])
+    return model, name, x, torch.softmax(logits / 20, -1)
+
+
+def engine_seconds(model, name, x, targets, iters: int, reference: bool) -> float:
+    """Wall seconds of reconstruct_block (mse loss: no snapshot) on a copy of the model."""
+    m = copy.deepcopy(model)
+    with reference_kernels(reference):
+        t0 = time.perf_counter()
+        reconstruct_block(m, name, m.get_submodule(name), x, x, targets, ReconConfig(loss="mse", iters=iters),
+                          torch.device("cpu"), torch.Generator().manual_seed(0), progress=False)
+    return time.perf_counter() - t0
+
+
+def snapshot_seconds(model, name, x, targets, reference: bool) -> float:
+    m = copy.deepcopy(model)
+    block = m.get_submodule(name)
+    for mod in block_quant_modules(block):
+        mod.mode = QuantMode.QUANT
+    for q in activation_quantizers(block):  # QDrop on during snapshots, as in the engine
+        q.train()
+        q.set_qdrop(0.5)
+    with reference_kernels(reference), torch.no_grad():
+        y_fp = torch.cat([model.get_submodule(name)(x[i:i + 64]) for i in range(0, len(x), 64)])
+    cfg = ReconConfig()
+    with reference_kernels(reference):
+        t0 = time.perf_counter()
+        _take_snapshot(m, name, block, x, y_fp, targets, cfg, torch.device("cpu"), None)
+        return time.perf_counter() - t0
+
+
+def profile_top(model, name, x, targets, n: int = 20, top: int = 8) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    m = copy.deepcopy(model)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        reconstruct_block(m, name, m.get_submodule(name), x, x, targets, ReconConfig(loss="mse", iters=n),
+                          torch.device("cpu"), torch.Generator().manual_seed(0), progress=False)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows)
+    return [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in rows[:top]]
+
+
+def measure_block(which: str, short: int, long: int) -> dict:
+    model, name, x, targets = block_setup(which)
+    out: dict = {"block": name, "images": len(x), "batch": 32, "load_avg": os.getloadavg()[0]}
+    # the floors, then the engine (both kernel paths), then the floors again: the mean of both
+    floors_a = (iteration_floor(model.get_submodule(name), x[:32]),
+                snapshot_floor(model, name, model.get_submodule(name)(x[:64]).detach(), len(x)))
+    for label, ref in (("reference", True), ("fast", False)):
+        t_short = engine_seconds(model, name, x, targets, short, ref)
+        t_long = engine_seconds(model, name, x, targets, long, ref)
+        out[f"iteration_s_{label}"] = (t_long - t_short) / (long - short)
+        out[f"snapshot_s_{label}"] = snapshot_seconds(model, name, x, targets, ref)
+    floors_b = (iteration_floor(model.get_submodule(name), x[:32]),
+                snapshot_floor(model, name, model.get_submodule(name)(x[:64]).detach(), len(x)))
+    out["iteration_floor_s"] = (floors_a[0] + floors_b[0]) / 2
+    out["snapshot_floor_s"] = (floors_a[1] + floors_b[1]) / 2
+    for label in ("reference", "fast"):
+        out[f"iteration_ratio_{label}"] = out[f"iteration_s_{label}"] / out["iteration_floor_s"]
+        out[f"snapshot_ratio_{label}"] = out[f"snapshot_s_{label}"] / out["snapshot_floor_s"]
+    out["profile_fast"] = profile_top(model, name, x, targets)
+    return out
+
+
+def measure_e2e(reference: bool) -> dict:
+    fp = vitq.load_model("cifar10_vit")
+    recipe = vitq.get_recipe("fimaq", w_bits=3, a_bits=3, seed=0, reconstruction={"iters": 500})
+    pool = vitq.calibration_images(fp, "cifar10", vitq.api.images_needed(recipe), seed=0)
+    out: dict = {"load_avg_start": os.getloadavg()[0]}
+    if not reference:  # the cost model's prediction, before the run, as the CLI prints it
+        t0 = time.perf_counter()
+        est = estimate_reconstruction(copy.deepcopy(fp), pool, recipe.reconstruction)
+        out.update(predicted_reconstruction_s=est.seconds, estimate_cost_s=time.perf_counter() - t0)
+    model = copy.deepcopy(fp)
+    t0 = time.perf_counter()
+    with reference_kernels(reference):
+        result = vitq.quantize_with_summary(model, pool, recipe, device="cpu", progress=False)
+    out["wall_s"] = time.perf_counter() - t0
+    out["stages"] = {k: v["seconds"] for k, v in result.stages.items()}
+    loader = make_loader(build_dataset(resolve_data("cifar10"), "eval", eval_transform(fp)), EVAL_BATCH)
+    out["top1"] = evaluate(model, loader, progress=False)["top1"]
+    out["load_avg_end"] = os.getloadavg()[0]
+    return out
+
+
+def summarise(r: dict) -> str:
+    lines = ["# Engine speed", "", f"Command: `{r['command']}`", "",
+             "CPU, one thread, one process; every ratio compares two measurements of the same run. "
+             "Floors: forward + backward of the float block at batch 32 (iteration) and forward from the "
+             "block's output to the logits + backward to it over the optimisation images (snapshot), plain "
+             "PyTorch (`vitq.reconstruction.cost`). `reference` is the fake-quantization path before this "
+             "benchmark (`vitq.quantizers.kernels.reference_kernels()`), `fast` today's.", ""]
+    blocks = r.get("blocks", {})
+    if blocks:
+        lines += ["## One block, batch 32", "",
+                  "| model | block | images | iteration floor s | reference s (x floor) | fast s (x floor) | "
+                  "snapshot floor s | reference s (x floor) | fast s (x floor) |", "|---|---|---|---|---|---|---|---|---|"]
+        for which, b in blocks.items():
+            lines.append(
+                f"| {which} | {b['block']} | {b['images']} | {b['iteration_floor_s']:.4f} | "
+                f"{b['iteration_s_reference']:.4f} ({b['iteration_ratio_reference']:.2f}x) | "
+                f"{b['iteration_s_fast']:.4f} ({b['iteration_ratio_fast']:.2f}x) | {b['snapshot_floor_s']:.2f} | "
+                f"{b['snapshot_s_reference']:.2f} ({b['snapshot_ratio_reference']:.2f}x) | "
+                f"{b['snapshot_s_fast']:.2f} ({b['snapshot_ratio_fast']:.2f}x) |")
+        for which, b in blocks.items():
+            lines += ["", f"Top operators of 20 fast iterations, {which} (self CPU share):", ""]
+            lines += [f"- `{p['op']}` {100 * p['share']:.1f}% ({p['calls']} calls)" for p in b["profile_fast"]]
+    e2e = r.get("e2e", {})
+    if e2e:
+        lines += ["", "## cifar10_vit W3A3 fimaq, 500 iterations, seed 0 (`quantize_with_summary`, the CLI's path)",
+                  "", "| kernels | calibration s | reconstruction s | total s | top-1 |", "|---|---|---|---|---|"]
+        for label in ("reference", "fast"):
+            c = e2e.get(label)
+            if c:
+                lines.append(f"| {label} | {c['stages']['calibration']:.0f} | {c['stages']['reconstruction']:.0f} | "
+                             f"{c['wall_s']:.0f} | {c['top1']:.2f} |")
+        if "reference" in e2e and "fast" in e2e:
+            ref, fast = e2e["reference"], e2e["fast"]
+            lines += ["", f"Speed-up of the whole run: **{ref['wall_s'] / fast['wall_s']:.2f}x** (calibration "
+                      f"{ref['stages']['calibration'] / fast['stages']['calibration']:.2f}x, reconstruction "
+                      f"{ref['stages']['reconstruction'] / fast['stages']['reconstruction']:.2f}x); top-1 "
+                      f"{fast['top1'] - ref['top1']:+.2f}."]
+        fast = e2e.get("fast")
+        if fast and "predicted_reconstruction_s" in fast:
+            lines += ["", f"Cost model (`estimate_reconstruction`, {fast['estimate_cost_s']:.0f} s to measure the floors): "
+                      f"predicted reconstruction {fast['predicted_reconstruction_s']:.0f} s, measured "
+                      f"{fast['stages']['reconstruction']:.0f} s "
+                      f"({fast['predicted_reconstruction_s'] / fast['stages']['reconstruction'] - 1:+.0%})."]
+    lines += ["", f"Versions: {r.get('versions')}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--groups", nargs="*", default=["blocks", "e2e"])
+    ap.add_argument("--out", type=Path, default=HERE)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    path = args.out / "speed.json"
+    r = json.loads(path.read_text()) if path.is_file() else {}
+    r.update(command="python benchmarks/speed.py", versions=versions())
+
+    def save() -> None:
+        atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
+        atomic_write_bytes(args.out / "speed.md", lambda fh: fh.write(summarise(r).encode()))
+
+    if "blocks" in args.groups:
+        for which, short, long in (("cifar10_vit", 40, 120), ("deit_small_patch16_224", 4, 12)):
+            if which not in r.setdefault("blocks", {}):
+                r["blocks"][which] = measure_block(which, short, long)
+                save()
+                print(which, {k: v for k, v in r["blocks"][which].items() if k != "profile_fast"}, flush=True)
+    if "e2e" in args.groups:
+        for label in ("reference", "fast"):
+            if label not in r.setdefault("e2e", {}):
+                r["e2e"][label] = measure_e2e(label == "reference")
+                save()
+                print(label, r["e2e"][label], flush=True)
+    save()
+
+
+if __name__ == "__main__":
+    main()
