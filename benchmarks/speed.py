@@ -206,6 +206,8 @@ def summarise(r: dict) -> str:
                       f"predicted reconstruction {fast['predicted_reconstruction_s']:.0f} s, measured "
                       f"{fast['stages']['reconstruction']:.0f} s "
                       f"({fast['predicted_reconstruction_s'] / fast['stages']['reconstruction'] - 1:+.0%})."]
+    if r.get("notes"):  # what the numbers mean, written after the run (kept in the JSON)
+        lines += ["", "## Reading the numbers", ""] + [f"- {n}" for n in r["notes"]]
     lines += ["", f"Versions: {r.get('versions')}", ""]
     return "\n".join(lines)
 

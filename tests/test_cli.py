@@ -188,3 +188,17 @@ def test_kill_9_mid_block_then_the_same_command_resumes_to_the_uninterrupted_res
     refused = _vitq(*args_other, "--out", killed)
     lines = [l for l in refused.stderr.strip().splitlines() if l]
     assert refused.returncode == 2 and len(lines) == 1 and "another model" in lines[0], refused.stderr
+
+
+def test_quantize_prints_and_records_a_cost_estimate_before_a_long_run(tiny_vit_dir, colour_tree, tmp_path,
+                                                                        capsys, monkeypatch):
+    import vitq.cli
+
+    monkeypatch.setattr(vitq.cli, "ESTIMATE_FROM_ITERS", 2)  # the tiny run counts as long
+    out = tmp_path / "q"
+    code, stdout, _ = _run(["quantize", "--model", str(tiny_vit_dir), "--data", str(colour_tree), "--recipe",
+                            "qdrop", "--iters", "2", "--out", str(out), "--quiet", "--device", "cpu",
+                            *map(str, TINY_RECON)], capsys)
+    assert code == 0, stdout
+    assert "reconstruction: about" in stdout and "4 blocks x 2 iterations" in stdout
+    assert json.loads((out / "report.json").read_text())["estimated_reconstruction_s"] > 0

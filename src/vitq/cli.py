@@ -320,6 +320,10 @@ def recipe_from_args(args: argparse.Namespace):
                       target=args.target)
 
 
+# below this many iterations per block a run takes minutes: no estimate (measuring its floors costs seconds)
+ESTIMATE_FROM_ITERS = 200
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .api import calibration_images, images_needed, quantize_with_summary, save_quantized
     from .data import resolve_data
@@ -357,6 +361,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         report.update(fp_top1=fp["top1"], fp_top5=fp["top5"], fp=fp)
         write_json(out / "report.json", report)  # partial report: survives a crash later on
     if recipe.reconstruction is not None:
+        if recipe.reconstruction.iters >= ESTIMATE_FROM_ITERS:
+            from .reconstruction.cost import estimate_reconstruction
+
+            est = estimate_reconstruction(model, calib, recipe.reconstruction, device)
+            report["estimated_reconstruction_s"] = round(est.seconds, 1)
+            print(f"reconstruction: {est.describe()} on this device ({len(est.per_block)} blocks x "
+                  f"{recipe.reconstruction.iters} iterations; benchmarks/speed.md)", flush=True)
         print(f"writing to {out}: if this run stops, the same command with --out {out} resumes it "
               "after the last finished block", flush=True)
     with stage(stages, "quantize", device):
