@@ -365,7 +365,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             from .reconstruction.cost import estimate_reconstruction
 
             est = estimate_reconstruction(model, calib, recipe.reconstruction, device)
-            report["estimated_reconstruction_s"] = round(est.seconds, 1)
+            report["estimated_reconstruction_s"] = est.seconds
             print(f"reconstruction: {est.describe()} on this device ({len(est.per_block)} blocks x "
                   f"{recipe.reconstruction.iters} iterations; benchmarks/speed.md)", flush=True)
         print(f"writing to {out}: if this run stops, the same command with --out {out} resumes it "
