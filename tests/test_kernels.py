@@ -124,3 +124,19 @@ def test_cost_estimate_covers_every_block_and_scales_with_iterations():
     long = estimate_reconstruction(model, images, ReconConfig(iters=1000, rank=2, optim_size=32, batch_size=8))
     assert long.seconds > 3 * short.seconds  # iterations dominate; floors are timed anew, so not exactly 10x
     assert "about" in long.describe()
+
+
+def test_fast_fake_quant_scale_gradient_alone_equals_the_reference():
+    # the block's first quantizer sees an input that needs no gradient: only the scale's factor is built
+    q, x = calibrated((4, 9, 16), offset=0.3)
+    q.train()
+    q.set_qdrop(0.5)
+    grads = []
+    for ref in (True, False):
+        qc = copy.deepcopy(q)
+        qc.scale.requires_grad_(True)
+        torch.manual_seed(3)
+        with reference_kernels(ref):
+            (qc(x) * torch.linspace(-1, 1, x.numel()).reshape(x.shape)).sum().backward()
+        grads.append(qc.scale.grad)
+    assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-5) and grads[0].abs().item() > 0

@@ -92,25 +92,26 @@ class _FakeQuantSTE(torch.autograd.Function):
         if zero_point is not None:
             q.sub_(zero_point)
         x_hat = q * scale
-        grad_scale = torch.addcmul(q, v, inside, value=-1.0)  # (q - z) - [inside] * x / s
+        need_x, need_scale = ctx.needs_input_grad[:2]  # only the factors a gradient will use
+        grad_scale = torch.addcmul(q, v, inside, value=-1.0) if need_scale else None  # (q - z) - [inside] * x / s
         if keep_prob is None:
             grad_x, out = inside, x_hat
         else:
             m = keep_mask(x, keep_prob)
-            grad_scale.mul_(m)
+            if grad_scale is not None:
+                grad_scale.mul_(m)
             dropped = 1 - m
-            grad_x = torch.addcmul(dropped, m, inside)        # kept: [inside]; dropped: 1
+            grad_x = torch.addcmul(dropped, m, inside) if need_x else None  # kept: [inside]; dropped: 1
             out = torch.addcmul(x * dropped, x_hat, m)
         ctx.save_for_backward(grad_x, grad_scale)
         ctx.scale_shape = scale.shape
-        ctx.scale_grad = scale.requires_grad
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad_x, grad_scale = ctx.saved_tensors
         gx = grad * grad_x if ctx.needs_input_grad[0] else None
-        gs = (grad * grad_scale).sum_to_size(ctx.scale_shape) if ctx.scale_grad else None
+        gs = (grad * grad_scale).sum_to_size(ctx.scale_shape) if ctx.needs_input_grad[1] else None
         return gx, gs, None, None, None, None
 
 

@@ -49,14 +49,18 @@ class RunEstimate:
         return f"about {s:.0f} s"
 
 
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, kernel choice)
+def _timed(fn, repeats: int, device: torch.device) -> float:
+    """The best of ``repeats`` timed calls after a warm-up (allocations, kernel choice)."""
+    def call() -> None:
+        fn()
+        if device.type == "cuda":  # the work is queued: wait for it
+            torch.cuda.synchronize(device)
+
+    call()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        call()
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -72,7 +76,7 @@ def iteration_floor(block: nn.Module, x: torch.Tensor, repeats: int = 3) -> floa
         twin.zero_grad(set_to_none=True)
         twin(x).pow(2).mean().backward()
 
-    return _timed(step, repeats)
+    return _timed(step, repeats, x.device)
 
 
 def snapshot_floor(model: nn.Module, name: str, y: torch.Tensor, n_images: int, repeats: int = 2) -> float:
@@ -84,7 +88,7 @@ def snapshot_floor(model: nn.Module, name: str, y: torch.Tensor, n_images: int, 
         out = y.detach().requires_grad_(True)
         torch.autograd.grad(torch.log_softmax(forward_after(model, name, out), -1).sum(), out)
 
-    return _timed(step, repeats) * n_images / len(y)
+    return _timed(step, repeats, y.device) * n_images / len(y)
 
 
 def estimate_reconstruction(model: nn.Module, images: torch.Tensor, cfg: ReconConfig,
@@ -92,10 +96,12 @@ def estimate_reconstruction(model: nn.Module, images: torch.Tensor, cfg: ReconCo
                             snap_ratio: float = SNAP_RATIO) -> RunEstimate:
     """Predict the reconstruction time of ``model`` (float or prepared) with ``cfg`` on ``device``.
 
-    Uses ``cfg.batch_size`` of ``images`` to measure the floors of every block; leaves the
-    model's modes as FLOAT and its parameters' ``requires_grad`` as they were.
+    Uses ``cfg.batch_size`` of ``images`` to measure the floors of every block on ``device``
+    (the model is moved there, as :func:`vitq.quantize` does); leaves the model's modes as FLOAT
+    and its parameters' ``requires_grad`` as they were.
     """
     device = torch.device(device)
+    model.to(device)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
