@@ -1,21 +1,19 @@
-"""Train the reference model ``cifar10_vit`` on the shipped CIFAR-10 training set.
+"""Train a reference model (``cifar10_vit``, ``cifar10_swin``) on the shipped CIFAR-10 training set.
 
 Two stages, both resumable from per-epoch checkpoints in ``--work``:
 
 1. Fine-tune the ResNet-56 CIFAR-10 teacher (../shared/models/resnet56-cifar10.th)
    on the JPEG training images: it scores 83.2% on the JPEG test copies out of the
    box (93.4% on the originals), so a short fine-tune buys back most of the gap.
-2. Train the timm ViT from scratch with knowledge distillation from that teacher
+2. Train the timm ViT / Swin (``--model``) from scratch with knowledge distillation from that teacher
    (soft targets, as in DeiT's CNN-teacher recipe), label smoothing, crop+flip
    augmentation, AdamW with warm-up and cosine decay, bf16 autocast on CPU.
 
-Reproduce (the command that produced the shipped checkpoint):
+Reproduce: the commands that produced the shipped checkpoints are the first lines of
+benchmarks/train_reference.md (cifar10_vit) and benchmarks/train_reference_swin.md (cifar10_swin).
 
-    python benchmarks/train_reference.py --teacher ../shared/models/resnet56-cifar10.th \
-        --work runs/train_reference --epochs 20 --teacher-epochs 2 --seed 0
-
-The shipped checkpoint is written to src/vitq/assets/cifar10_vit/ with a JSON of
-its config and measured accuracy; the curve goes to benchmarks/train_reference.json/.md.
+The shipped checkpoint is written to src/vitq/assets/<model>/ with a JSON of its config and
+measured accuracy; the curve goes to benchmarks/train_reference[_swin].json/.md.
 Stop it at any time (Ctrl-C); the same command resumes from the last finished epoch.
 """
 
@@ -36,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from vitq.data import atomic_write_bytes, load_cifar10  # noqa: E402
-from vitq.models import CIFAR10_MEAN, CIFAR10_STD, REFERENCE_ARCH, build_reference_vit  # noqa: E402
+from vitq.models import CIFAR10_MEAN, CIFAR10_STD, REFERENCE_MODELS, build_reference  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -183,8 +181,9 @@ def run_epochs(name, model, opt, epochs, batch, base_lr, warmup_epochs, loss_fn,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(REFERENCE_MODELS), default="cifar10_vit")
     ap.add_argument("--teacher", type=Path, default=Path("../shared/models/resnet56-cifar10.th"))
-    ap.add_argument("--work", type=Path, default=Path("runs/train_reference"))
+    ap.add_argument("--work", type=Path, default=None, help="checkpoints (default runs/train_<model>)")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--teacher-epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -196,8 +195,11 @@ def main() -> None:
     ap.add_argument("--finetune-lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src/vitq/assets/cifar10_vit")
+    ap.add_argument("--out", type=Path, default=None, help="model folder (default src/vitq/assets/<model>)")
     args = ap.parse_args()
+    args.work = args.work or Path(f"runs/train_{args.model}")
+    args.out = args.out or Path(__file__).resolve().parents[1] / "src/vitq/assets" / args.model
+    family, arch = REFERENCE_MODELS[args.model]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -227,11 +229,14 @@ def main() -> None:
         p.requires_grad_(False)
     t_teacher = time.time() - t_start
 
-    # ---- stage 2: the ViT student, distilled
+    # ---- stage 2: the student, distilled
     torch.manual_seed(args.seed)
-    student = build_reference_vit()
-    decay = [p for n, p in student.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
-    no_decay = [p for n, p in student.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n)]
+    student = build_reference(args.model)
+    def decayed(n: str, p: torch.Tensor) -> bool:
+        return p.ndim > 1 and not any(k in n for k in ("pos_embed", "cls_token", "relative_position_bias_table"))
+
+    decay = [p for n, p in student.named_parameters() if decayed(n, p)]
+    no_decay = [p for n, p in student.named_parameters() if not decayed(n, p)]
     s_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                               lr=args.lr, betas=(0.9, 0.999))
     T, a = args.kd_temp, args.kd_alpha
@@ -273,9 +278,10 @@ def main() -> None:
     save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(tmp))
     os.replace(tmp, args.out / "model.safetensors")
     meta = {
-        "name": "cifar10_vit",
-        "architecture": "timm.models.vision_transformer.VisionTransformer",
-        "arch_kwargs": REFERENCE_ARCH,
+        "name": args.model,
+        "architecture": f"{type(student).__module__}.{type(student).__name__}",
+        "family": family,
+        "arch_kwargs": arch,
         "mean": CIFAR10_MEAN, "std": CIFAR10_STD,
         "test_top1": fp32_top1, "test_images": len(x_te),
         "training": {
@@ -290,14 +296,15 @@ def main() -> None:
     report = {"teacher": teacher_log, "student": student_log, "final_fp32_top1": fp32_top1,
               "teacher_seconds": t_teacher, "total_seconds_this_run": total_s, "meta": meta}
     bench = Path(__file__).resolve().parent
-    atomic_write_bytes(bench / "train_reference.json", lambda fh: fh.write(json.dumps(report, indent=2).encode()))
+    stem = "train_reference" if args.model == "cifar10_vit" else f"train_reference_{family}"
+    atomic_write_bytes(bench / f"{stem}.json", lambda fh: fh.write(json.dumps(report, indent=2).encode()))
     rows = "\n".join(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['test_top1']:.2f} | {r['seconds']:.0f} |" for r in student_log)
     md = (f"# Reference model training\n\nCommand:\n\n    {meta['training']['command']}\n\n"
           f"Teacher (ResNet-56) on the JPEG test set: {teacher_before:.2f}% before, "
           f"{meta['training']['teacher_top1_after']}% after {args.teacher_epochs} fine-tune epochs.\n\n"
-          f"Student `cifar10_vit` ({REFERENCE_ARCH}): final fp32 test top-1 **{fp32_top1:.2f}%** on 10,000 images.\n\n"
+          f"Student `{args.model}` ({arch}): final fp32 test top-1 **{fp32_top1:.2f}%** on 10,000 images.\n\n"
           f"| epoch | train loss | test top-1 (bf16 eval) | seconds |\n|---|---|---|---|\n{rows}\n")
-    atomic_write_bytes(bench / "train_reference.md", lambda fh: fh.write(md.encode()))
+    atomic_write_bytes(bench / f"{stem}.md", lambda fh: fh.write(md.encode()))
 
 
 if __name__ == "__main__":

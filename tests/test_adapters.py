@@ -259,7 +259,10 @@ def test_architecture_round_trip() -> None:
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     vit = _vit()
     vit.pretrained_cfg = {"vitq_arch_kwargs": dict(VIT_KW)}
-    assert architecture_of(vit) == {"arch_kwargs": VIT_KW}
+    assert architecture_of(vit) == {"arch_kwargs": VIT_KW, "family": "vit"}
+    swin = build_model({"family": "swin", "arch_kwargs": SWIN_KW})
+    swin.pretrained_cfg = {"vitq_arch_kwargs": dict(SWIN_KW), "vitq_family": "swin"}
+    assert type(build_model(architecture_of(swin))) is SwinTransformer
     assert type(build_model(architecture_of(vit))) is VisionTransformer
     assert type(build_model({"family": "swin", "arch_kwargs": SWIN_KW})) is SwinTransformer
     with pytest.raises(VitqError, match="no pretrained_cfg"):

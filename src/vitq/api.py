@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .adapters import QuantSpec, architecture_of, build_model, prepare, prepare_for_state_dict
 from .calibration import calibrate, keep_zero_points_in_codes
 from .data import atomic_write_bytes, build_dataset, fixed_subset, resolve_data
@@ -125,7 +126,7 @@ def quantize_with_summary(model: nn.Module, calib_data: Any, recipe: str | Recip
                           device: str | torch.device | None = None, progress: bool = True,
                           work_dir: str | Path | None = None, restart: bool = False,
                           after_calibration: Callable[[nn.Module], None] | None = None,
-                          **overrides: Any) -> QuantizeResult:
+                          process_group: Any = None, **overrides: Any) -> QuantizeResult:
     """Quantize ``model`` in place with ``recipe``; returns the model and the per-stage summaries.
 
     ``calib_data``: preprocessed images as a tensor (N, 3, H, W), a dataset of (image, label)
@@ -136,11 +137,26 @@ def quantize_with_summary(model: nn.Module, calib_data: Any, recipe: str | Recip
     ``work_dir``, reconstruction saves its state after every block there and a repeated call
     resumes after the last finished block (``restart=True`` discards it). ``after_calibration(model)``
     is called between calibration and reconstruction (e.g. to evaluate the calibration-only model).
+
+    Under torch.distributed (``process_group``, or the default group when one is initialised) the
+    work is shared out over the ranks and every rank returns the same model as one process would
+    (``vitq.distributed``); give every rank the same ``calib_data``, recipe and seed. Only rank 0
+    prints and writes checkpoints.
     """
+    with distributed.active(process_group):
+        return _quantize(model, calib_data, recipe, device, progress and distributed.is_main(), work_dir, restart,
+                         after_calibration, overrides)
+
+
+def _quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe, device: str | torch.device | None,
+              progress: bool, work_dir: str | Path | None, restart: bool,
+              after_calibration: Callable[[nn.Module], None] | None, overrides: dict[str, Any]) -> QuantizeResult:
     recipe = get_recipe(recipe, **overrides)
     dev = resolve_device(None if device is None else str(device))
     pool = _collect_images(calib_data, images_needed(recipe), recipe.seed)
     calib = pool[torch.from_numpy(fixed_subset(len(pool), recipe.calib_size, recipe.seed))]
+    distributed.check_shardable(recipe.calib_size, recipe.calibration.batch_size, recipe.reconstruction)
+    distributed.check_same(recipe.to_dict(), "the recipe")
     stages: dict[str, dict[str, float]] = {}
     model.eval().to(dev)
     prepare(model, recipe.quant_spec())
@@ -177,7 +193,7 @@ def quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe = "mse", **
 
 # What of timm's pretrained_cfg a saved model keeps (the data config and how to rebuild it)
 PRETRAINED_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "num_classes",
-                   "architecture", "vitq_arch_kwargs")
+                   "architecture", "vitq_arch_kwargs", "vitq_family")
 # The vitq_config entries a saved model carries
 META_KEYS = ("recipe", "spec", "folded_layers", "lrc_side_ranks")
 

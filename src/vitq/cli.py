@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -174,6 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_folder(given: str | Path | None, prefix: str) -> Path:
+    """``--out``, or a fresh folder under runs/ (made by rank 0 and shared, under torchrun)."""
+    from . import distributed
+    from .report import new_run_dir
+
+    if given:
+        return Path(given)
+    return distributed.broadcast_object(new_run_dir("runs", prefix) if distributed.is_main() else None)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Reports are written by one process: rank 0 under torchrun."""
+    from . import distributed
+    from .report import write_json
+
+    if distributed.is_main():
+        write_json(path, data)
+
+
 def _eval_model(model, spec, limit: int | None, seed: int, batch_size: int, workers: int,
                device, progress: bool, desc: str) -> dict[str, Any]:
     from .data import build_dataset, make_loader, subset
@@ -187,7 +207,7 @@ def _eval_model(model, spec, limit: int | None, seed: int, batch_size: int, work
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import resolve_data
     from .models import load_model
-    from .report import new_run_dir, versions, write_json
+    from .report import versions
     from .runtime import resolve_device
 
     # cheap checks first, so a typo in --data or --device fails before a model download
@@ -196,10 +216,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(args.model, checkpoint=args.checkpoint, pretrained=not args.random_weights)
     result = _eval_model(model, spec, args.limit, args.seed, args.batch_size, args.workers, device,
                          not args.quiet, f"eval {args.model}")
-    out = args.out or new_run_dir("runs", "eval")
+    out = _run_folder(args.out, "eval")
     report = {"command": "eval", "model": args.model, "data": args.data, "limit": args.limit,
-              "seed": args.seed, "device": str(device), **result, "versions": versions()}
-    write_json(Path(out) / "report.json", report)
+              "seed": args.seed, "device": str(device), **result, "versions": versions(),
+              "world_size": _world()}
+    _write_json(Path(out) / "report.json", report)
     print(f"{args.model} on {args.data}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
           f"({result['images']} images, {result['seconds']:.1f}s)")
     print(f"report: {Path(out) / 'report.json'}")
@@ -211,12 +232,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .data import resolve_data
     from .models import load_model
     from .recipes import get_recipe
-    from .report import new_run_dir, stage, versions, write_json
+    from .report import stage, versions
     from .runtime import resolve_device, seed_everything
 
     device = resolve_device(args.device)
     seed_everything(0)
-    out = Path(args.out) if args.out else new_run_dir("runs", "demo")
+    out = _run_folder(args.out, "demo")
     stages: dict[str, dict[str, float]] = {}
     progress = not args.quiet
     spec = resolve_data(args.data)
@@ -249,7 +270,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with stage(stages, "eval_quant", device):
         qres = _eval_model(model, spec, args.limit, 0, args.batch_size, args.workers, device, progress,
                            "quantized eval")
-    save_quantized(model, out / "model")
+    if _is_main():
+        save_quantized(model, out / "model")
     cal = results["calibrated"]
     report = {"command": "demo", "model": args.model, "data": args.data, "limit": args.limit, "device": str(device),
               "recipe": recipe.name, "w_bits": recipe.w_bits, "a_bits": recipe.a_bits, "seed": 0,
@@ -257,8 +279,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "quant_top1": qres["top1"], "fp": fp, "calibrated": cal, "quant": qres, "config": recipe.to_dict(),
               "calibration": result.calibration,
               "reconstruction_blocks": (result.reconstruction or {}).get("blocks"),
-              "stages": stages, "versions": versions()}
-    write_json(out / "report.json", report)
+              "stages": stages, "versions": versions(), "world_size": _world()}
+    _write_json(out / "report.json", report)
     recon_s = sum(b["seconds"] for b in report["reconstruction_blocks"] or [])
     rows = [("FP32", "32", "32", fp["top1"], fp["top5"], "-"),
             ("mse calibration", str(recipe.w_bits), str(recipe.a_bits), cal["top1"], cal["top5"],
@@ -274,6 +296,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .reporting import plots_available, write_report
 
     # the demo's work is done: without the optional matplotlib it says how to get the page, not fail
+    if not _is_main():
+        return 0
     print(f"HTML report: {write_report([out], out / 'report.html')}" if plots_available()
           else "HTML report: skipped (pip install matplotlib, then `vitq report` on this folder)")
     return 0
@@ -328,7 +352,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .api import calibration_images, images_needed, quantize_with_summary, save_quantized
     from .data import resolve_data
     from .models import load_model
-    from .report import new_run_dir, stage, versions, write_json
+    from .report import stage, versions
     from .runtime import resolve_device, seed_everything
 
     # every cheap check before any heavy work
@@ -342,13 +366,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.calib_data is not None:
         resolve_data(args.calib_data)
     seed_everything(args.seed)
-    out = Path(args.out) if args.out else new_run_dir("runs", f"quantize-{recipe.name}-w{recipe.w_bits}a{recipe.a_bits}")
+    out = _run_folder(args.out, f"quantize-{recipe.name}-w{recipe.w_bits}a{recipe.a_bits}")
     stages: dict[str, dict[str, float]] = {}
     progress = not args.quiet
     report: dict[str, Any] = {"command": "quantize", "model": args.model, "data": args.data, "recipe": recipe.name,
                               "w_bits": recipe.w_bits, "a_bits": recipe.a_bits, "seed": args.seed,
                               "calib_size": recipe.calib_size, "limit": args.limit, "device": str(device),
-                              "config": recipe.to_dict(), "stages": stages, "versions": versions()}
+                              "config": recipe.to_dict(), "stages": stages, "versions": versions(),
+                              "world_size": _world()}
     with stage(stages, "load", device):
         model = load_model(args.model, checkpoint=args.checkpoint, pretrained=not args.random_weights)
     with stage(stages, "calibration_data", device):
@@ -359,7 +384,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             fp = _eval_model(model, spec, args.limit, args.seed, args.batch_size, args.workers, device, progress,
                              "FP eval")
         report.update(fp_top1=fp["top1"], fp_top5=fp["top5"], fp=fp)
-        write_json(out / "report.json", report)  # partial report: survives a crash later on
+        _write_json(out / "report.json", report)  # partial report: survives a crash later on
     if recipe.reconstruction is not None:
         if recipe.reconstruction.iters >= ESTIMATE_FROM_ITERS:
             from .reconstruction.cost import estimate_reconstruction
@@ -382,9 +407,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                            "quantized eval")
     report.update(quant_top1=qres["top1"], quant_top5=qres["top5"], quant=qres, images=qres["images"])
     with stage(stages, "save", device):
-        save_quantized(model, out / "model")
+        if _is_main():
+            save_quantized(model, out / "model")
     report["folded_layers"] = model.vitq_config["folded_layers"]
-    write_json(out / "report.json", report)
+    _write_json(out / "report.json", report)
     fp_txt = f"FP {report['fp_top1']:.2f}% -> " if "fp_top1" in report else ""
     print(f"{args.model} {recipe.name} W{recipe.w_bits}/A{recipe.a_bits}: {fp_txt}quantized {qres['top1']:.2f}% "
           f"top-1 on {qres['images']} images (quantization {stages['quantize']['seconds']:.1f}s)")
@@ -455,13 +481,60 @@ COMMANDS = {"eval": cmd_eval, "quantize": cmd_quantize, "demo": cmd_demo, "expor
             "report": cmd_report}
 
 
+def _world() -> int:
+    from . import distributed
+
+    return distributed.world_size()
+
+
+def _is_main() -> bool:
+    from . import distributed
+
+    return distributed.is_main()
+
+
+# commands that share their work over torch.distributed under torchrun
+DISTRIBUTED_COMMANDS = ("eval", "quantize", "demo")
+
+
+def _run_distributed(args: argparse.Namespace) -> int:
+    """One rank of ``torchrun --nproc-per-node N -m vitq COMMAND``: rank 0 prints and writes, the others compute."""
+    import contextlib
+    import os
+
+    from . import distributed
+    from .runtime import resolve_device
+
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise VitqError(f"`vitq {args.command}` runs in one process: start it without torchrun")
+    args.device = str(distributed.init_from_env(resolve_device(args.device)))
+    try:
+        with distributed.active() as dist:
+            distributed.check_same(sys.argv[1:], "the command line")
+            if dist is None or dist.is_main:
+                return COMMANDS[args.command](args)
+            args.quiet = True
+            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+                return COMMANDS[args.command](args)
+    finally:
+        distributed.shutdown()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import distributed
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if distributed.launched_by_torchrun():
+            return _run_distributed(args)
         return COMMANDS[args.command](args)
-    except VitqError as exc:
+    except distributed.RankFailure as exc:
         print(f"vitq: error: {exc}", file=sys.stderr)
+        return 3
+    except VitqError as exc:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the error: rank 0 says it
+            print(f"vitq: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vitq: interrupted", file=sys.stderr)

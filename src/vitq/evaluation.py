@@ -9,6 +9,7 @@ import torch
 from timm.utils import accuracy
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import VitqError
 
 
@@ -23,9 +24,17 @@ def evaluate(
     """Top-1 and top-5 accuracy (percent) of ``model`` over ``loader``.
 
     Raises :class:`VitqError` if the model produces NaN/Inf logits (a broken
-    quantizer or checkpoint), naming the batch.
+    quantizer or checkpoint), naming the batch. Distributed, each rank evaluates its contiguous
+    slice of the dataset and the counts are summed (every rank returns the totals).
     """
     device = torch.device(device)
+    dist = distributed.current()
+    if dist is not None:
+        start, stop = dist.span(len(loader.dataset))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(loader.dataset, range(start, stop)),
+                                             batch_size=loader.batch_size, num_workers=loader.num_workers,
+                                             pin_memory=loader.pin_memory)
+        progress = progress and dist.is_main
     model.eval().to(device)
     correct1 = correct5 = seen = 0
     t0 = time.perf_counter()
@@ -45,6 +54,7 @@ def evaluate(
         bar.update(len(y))
         bar.set_postfix(top1=f"{100.0 * correct1 / seen:.2f}")
     bar.close()
+    correct1, correct5, seen = (round(v) for v in distributed.sum_floats([correct1, correct5, seen], "evaluation"))
     if seen == 0:
         raise VitqError("the evaluation data is empty")
     seconds = time.perf_counter() - t0

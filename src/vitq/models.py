@@ -2,8 +2,8 @@
 
 ``load_model(name)`` accepts:
 
-* ``cifar10_vit``: the reference ViT trained on the shipped CIFAR-10 (weights ship
-  inside the package, see ``benchmarks/train_reference.py``);
+* ``cifar10_vit`` / ``cifar10_swin``: the reference ViT and Swin trained on the shipped
+  CIFAR-10 (weights ship inside the package, see ``benchmarks/train_reference.py``);
 * a timm model name (``deit_small_patch16_224``, ``vit_base_patch16_224.augreg_in21k_ft_in1k``):
   weights load through timm's pretrained mechanism; offline that fails with a
   message saying how to pass a local checkpoint (``--checkpoint FILE``);
@@ -32,22 +32,49 @@ REFERENCE_ARCH: dict[str, Any] = dict(
     img_size=32, patch_size=4, in_chans=3, num_classes=10,
     embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0,
 )
+# The second reference model: a timm SwinTransformer for 32x32 inputs of about cifar10_vit's
+# inference cost (16x16 patches of 2 px, 4x4 windows; three stages of two blocks, so the first
+# two stages use shifted windows and the last, 4x4 tokens, one whole window).
+REFERENCE_SWIN_ARCH: dict[str, Any] = dict(
+    img_size=32, patch_size=2, in_chans=3, num_classes=10,
+    embed_dim=96, depths=(2, 2, 2), num_heads=(3, 6, 12), window_size=4, mlp_ratio=4.0,
+)
 REFERENCE_PRETRAINED_CFG: dict[str, Any] = dict(
     input_size=(3, 32, 32), crop_pct=1.0, crop_mode="center", interpolation="bicubic",
     mean=CIFAR10_MEAN, std=CIFAR10_STD, num_classes=10,
 )
+# name -> (adapter family, constructor kwargs)
+REFERENCE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cifar10_vit": ("vit", REFERENCE_ARCH),
+    "cifar10_swin": ("swin", REFERENCE_SWIN_ARCH),
+}
 
 
-def reference_asset_dir() -> Path:
-    return Path(str(resources.files("vitq") / "assets" / "cifar10_vit"))
+def reference_asset_dir(name: str = "cifar10_vit") -> Path:
+    return Path(str(resources.files("vitq") / "assets" / name))
+
+
+def _tag_reference(model: torch.nn.Module, family: str, arch: dict[str, Any]) -> torch.nn.Module:
+    # lets a quantized copy of this model be rebuilt (vitq.adapters.architecture_of)
+    model.pretrained_cfg = {**REFERENCE_PRETRAINED_CFG, "vitq_arch_kwargs": dict(arch), "vitq_family": family}
+    model.default_cfg = model.pretrained_cfg
+    return model
+
+
+def build_reference(name: str = "cifar10_vit", **overrides: Any) -> torch.nn.Module:
+    """A reference model's architecture (``cifar10_vit``, ``cifar10_swin``) with random weights."""
+    from .adapters import adapter_by_family
+
+    if name not in REFERENCE_MODELS:
+        raise VitqError(f"unknown reference model {name!r}: use one of {', '.join(REFERENCE_MODELS)}")
+    family, arch = REFERENCE_MODELS[name]
+    arch = {**arch, **overrides}
+    return _tag_reference(adapter_by_family(family).build(arch), family, arch)
 
 
 def build_reference_vit(**overrides: Any) -> VisionTransformer:
     """The ``cifar10_vit`` architecture with random weights."""
-    model = VisionTransformer(**{**REFERENCE_ARCH, **overrides})
-    model.pretrained_cfg = dict(REFERENCE_PRETRAINED_CFG)
-    model.default_cfg = model.pretrained_cfg
-    return model
+    return build_reference("cifar10_vit", **overrides)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -74,7 +101,9 @@ def load_model_dir(folder: Path) -> torch.nn.Module:
     if "timm_name" in config:
         model = timm.create_model(config["timm_name"], pretrained=False, **config.get("arch_kwargs", {}))
     elif "arch_kwargs" in config:
-        model = VisionTransformer(**config["arch_kwargs"])
+        from .adapters import adapter_by_family
+
+        model = adapter_by_family(config.get("family", "vit")).build(config["arch_kwargs"])
     else:
         raise VitqError(f"{folder / 'config.json'} names no architecture (expected 'timm_name' or 'arch_kwargs')")
     try:
@@ -94,23 +123,23 @@ def load_model_dir(folder: Path) -> torch.nn.Module:
         model.default_cfg = cfg
     if "arch_kwargs" in config and "timm_name" not in config:
         # lets a quantized copy of this model be rebuilt (vitq.api.save_quantized)
-        model.pretrained_cfg = {**(model.pretrained_cfg or {}), "vitq_arch_kwargs": dict(config["arch_kwargs"])}
+        model.pretrained_cfg = {**(model.pretrained_cfg or {}), "vitq_arch_kwargs": dict(config["arch_kwargs"]),
+                                "vitq_family": config.get("family", "vit")}
         model.default_cfg = model.pretrained_cfg
     return model.eval()
 
 
-def load_reference_model() -> torch.nn.Module:
-    """The shipped ``cifar10_vit`` with its trained weights."""
-    folder = reference_asset_dir()
+def load_reference_model(name: str = "cifar10_vit") -> torch.nn.Module:
+    """A shipped reference model (``cifar10_vit``, ``cifar10_swin``) with its trained weights."""
+    folder = reference_asset_dir(name)
     if not (folder / "model.safetensors").is_file():
         raise VitqError(
-            "the cifar10_vit weights are not in this install: train them with "
-            "'python benchmarks/train_reference.py' or reinstall vitq"
+            f"the {name} weights are not in this install: train them with "
+            f"'python benchmarks/train_reference.py --model {name}' or reinstall vitq"
         )
     model = load_model_dir(folder)
-    model.pretrained_cfg = {**REFERENCE_PRETRAINED_CFG, "vitq_arch_kwargs": dict(REFERENCE_ARCH)}
-    model.default_cfg = model.pretrained_cfg
-    return model
+    family, arch = REFERENCE_MODELS[name]
+    return _tag_reference(model, family, arch)
 
 
 def _timm_name_known(name: str) -> bool:
@@ -132,8 +161,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     own pretrained mechanism (so original-format checkpoints are remapped the way
     timm does). ``pretrained=False`` gives random weights (for timing runs).
     """
-    if name == "cifar10_vit":
-        return load_reference_model()
+    if name in REFERENCE_MODELS:
+        return load_reference_model(name)
     path = Path(name).expanduser()
     if path.is_dir():
         path = resolve_model_folder(path)
@@ -160,9 +189,9 @@ def load_model(name: str, checkpoint: str | Path | None = None, pretrained: bool
     if not _timm_name_known(name):
         import difflib
 
-        close = difflib.get_close_matches(name, timm.list_models() + ["cifar10_vit"], n=3)
+        close = difflib.get_close_matches(name, timm.list_models() + list(REFERENCE_MODELS), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise VitqError(f"unknown model {name!r}{hint}: use cifar10_vit, a timm model name or a model folder")
+        raise VitqError(f"unknown model {name!r}{hint}: use cifar10_vit, cifar10_swin, a timm model name or a model folder")
     if checkpoint is not None:
         ckpt = Path(checkpoint).expanduser()
         if not ckpt.is_file():

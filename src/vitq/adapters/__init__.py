@@ -154,7 +154,7 @@ def architecture_of(model: nn.Module) -> dict[str, Any]:
     """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "vitq_arch_kwargs" in cfg:
-        return {"arch_kwargs": cfg["vitq_arch_kwargs"]}
+        return {"arch_kwargs": cfg["vitq_arch_kwargs"], "family": cfg.get("vitq_family", "vit")}
     arch = cfg.get("architecture")
     if arch:
         kwargs: dict[str, Any] = {"num_classes": getattr(model, "num_classes", 1000)}

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..adapters import layer_role, prev_layernorm, reconstruction_blocks
 from ..capture import StopForward, run_until_stopped
 from ..errors import VitqError
@@ -29,7 +30,11 @@ def _check_finite(name: str, *tensors: torch.Tensor) -> None:
 
 def _capture_inputs(model: nn.Module, modules: list[tuple[str, QuantModule]], images: torch.Tensor,
                     batch_size: int, device: torch.device) -> dict[str, list[torch.Tensor]]:
-    """Inputs of ``modules`` over all calibration images (the model in float mode)."""
+    """Inputs of ``modules`` over all calibration images (the model in float mode).
+
+    Distributed, each rank runs its slice of the images and the inputs are gathered in rank
+    order: every rank holds what one process captures.
+    """
     store: dict[str, list[list[torch.Tensor]]] = {name: [] for name, _ in modules}
     last = modules[-1][0]
     handles = []
@@ -43,12 +48,12 @@ def _capture_inputs(model: nn.Module, modules: list[tuple[str, QuantModule]], im
 
     for name, mod in modules:
         handles.append(mod.register_forward_pre_hook(make_hook(name)))
-    run_until_stopped(model, images, batch_size, device, handles)
+    run_until_stopped(model, distributed.local_rows(images), batch_size, device, handles)
     out: dict[str, list[torch.Tensor]] = {}
     for name, batches in store.items():
         if not batches:
             raise RuntimeError(f"calibration never reached {name}: is it used in the forward pass?")
-        out[name] = [torch.cat([b[j] for b in batches]) for j in range(len(batches[0]))]
+        out[name] = [distributed.gather_rows(torch.cat([b[j] for b in batches])) for j in range(len(batches[0]))]
     return out
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..distributed import split_candidates
 from ..qmodules import QuantConv2d, QuantLinear, QuantMatMul
 from ..quantizers import UniformQuantizer
 from .config import CalibConfig
@@ -72,16 +73,16 @@ def _best_self(t: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmax: i
     (input channels of (tokens, C), cands (C, K)).
     """
     view = (lambda v: v[:, None]) if dim == 0 else (lambda v: v)
-    errs = torch.stack([(fake_quant(t, view(scales[:, c]), view(zps[:, c]), qmax) - t).pow(2).sum(1 - dim)
-                        for c in range(scales.shape[1])], dim=1)
-    best = errs.argmin(1)
+    errs = split_candidates(scales.shape[1], lambda c: (fake_quant(t, view(scales[:, c]), view(zps[:, c]), qmax)
+                                                        - t).pow(2).sum(1 - dim))  # (C, R)
+    best = errs.argmin(0)
     idx = torch.arange(t.shape[dim], device=t.device)
     return scales[idx, best], zps[idx, best]
 
 
 def _best_tensor_self(x: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmax: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    errs = torch.stack([(fake_quant(x, scales[c], zps[c], qmax) - x).pow(2).sum() for c in range(len(scales))])
+    errs = split_candidates(len(scales), lambda c: (fake_quant(x, scales[c], zps[c], qmax) - x).pow(2).sum())
     best = int(errs.argmin())
     return scales[best].reshape(1), zps[best].reshape(1)
 
@@ -100,14 +101,14 @@ def _activation_output_errors(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Ten
     if use_gram:
         gram = w_hat.t() @ w_hat
         rw = r @ w_hat
-    errs = []
-    for c in range(len(scales)):
+
+    def score(c: int) -> torch.Tensor:
         e = fake_quant(x, scales[c], zps[c], qmax) - x
         if use_gram:
-            errs.append(((e @ gram) * e).sum() - 2 * (rw * e).sum())
-        else:
-            errs.append((r - e @ w_hat.t()).pow(2).sum())
-    return torch.stack(errs)
+            return ((e @ gram) * e).sum() - 2 * (rw * e).sum()
+        return (r - e @ w_hat.t()).pow(2).sum()
+
+    return split_candidates(len(scales), score)
 
 
 @torch.no_grad()
@@ -141,11 +142,12 @@ def search_linear_mse(module: QuantLinear, x: torch.Tensor, cfg: CalibConfig, ge
             h1 = x_hat.t() @ x_hat
             wh2 = w2d.double() @ (x2d.double().t() @ x_hat)
             qmax = wq.quant_range()[1]
-            errs = []
-            for c in range(w_s.shape[1]):
+
+            def row_errors(c: int) -> torch.Tensor:
                 w_hat = fake_quant(w2d, w_s[:, c:c + 1], w_z[:, c:c + 1], qmax).double()
-                errs.append(((w_hat @ h1) * w_hat).sum(1) - 2 * (wh2 * w_hat).sum(1))
-            best = torch.stack(errs, 1).argmin(1)
+                return ((w_hat @ h1) * w_hat).sum(1) - 2 * (wh2 * w_hat).sum(1)
+
+            best = split_candidates(w_s.shape[1], row_errors).argmin(0)
             rows = torch.arange(w2d.shape[0], device=w2d.device)
             wq.set_params(w_s[rows, best][:, None], w_z[rows, best][:, None])
         if aq is not None:
@@ -213,16 +215,19 @@ def search_matmul_mse(module: QuantMatMul, a: torch.Tensor, b: torch.Tensor, cfg
         up, lo = bounds[key]
         red = [d for d in range(t.dim()) if q._stat_shape(t)[d] == 1] if q.granularity != "tensor" else None
         fixed = None if reference_active() else quantized("b" if key == "a" else "a")
-        errs, cand = [], []
+        cand = []
         for i in range(cfg.eq_n):
             trial = [c.clone() for c in choice[key]]
             for w in which:
                 trial[w] = torch.full_like(trial[w], i)
-            _set_bounds(q, up, lo, trial)
-            e = out_err(key, fixed)
-            errs.append(e.sum(dim=red, keepdim=True) if red is not None else e.sum().reshape(1))
             cand.append(trial)
-        errs_t = torch.stack(errs)  # (eq_n, *stat)
+
+        def score(i: int) -> torch.Tensor:
+            _set_bounds(q, up, lo, cand[i])
+            e = out_err(key, fixed)
+            return e.sum(dim=red, keepdim=True) if red is not None else e.sum().reshape(1)
+
+        errs_t = split_candidates(cfg.eq_n, score)  # (eq_n, *stat)
         best = errs_t.argmin(0)
         for w in which:
             stacked = torch.stack([c[w] for c in cand])
@@ -266,11 +271,11 @@ def search_conv_mse(module: QuantConv2d, x: torch.Tensor, cfg: CalibConfig) -> N
         delta = (fake_quant(w2d, s[:, None], z[:, None], qmax) - w2d).double()
         return ((delta @ gram) * delta).sum(1)
 
-    errs = torch.stack([errs_for(upper[i], lower[i]) for i in range(n + 1)])
+    errs = split_candidates(n + 1, lambda i: errs_for(upper[i], lower[i]))
     rows = torch.arange(w2d.shape[0], device=w2d.device)
     bu = bl = errs.argmin(0)
-    bl = torch.stack([errs_for(upper[bu, rows], lower[i]) for i in range(n + 1)]).argmin(0)
-    bu = torch.stack([errs_for(upper[i], lower[bl, rows]) for i in range(n + 1)]).argmin(0)
+    bl = split_candidates(n + 1, lambda i: errs_for(upper[bu, rows], lower[i])).argmin(0)
+    bu = split_candidates(n + 1, lambda i: errs_for(upper[i], lower[bl, rows])).argmin(0)
     s, z = params_from_range(lower[bl, rows], upper[bu, rows], qmax)
     shape = (-1,) + (1,) * (module.weight.dim() - 1)
     wq.set_params(s.reshape(shape), z.reshape(shape))

@@ -23,6 +23,8 @@ from typing import Iterator
 
 import torch
 
+from ..distributed import uniform_like
+
 _REFERENCE = False
 
 
@@ -44,13 +46,13 @@ def reference_kernels(active: bool = True) -> Iterator[None]:
 
 def keep_mask(x: torch.Tensor, keep_prob: float) -> torch.Tensor:
     """QDrop's mask as 0/1 floats: 1 where the quantized value is kept (same draws as ``rand < p``)."""
-    return torch.rand_like(x).lt_(keep_prob)
+    return uniform_like(x).lt_(keep_prob)
 
 
 def qdrop_select(x: torch.Tensor, x_hat: torch.Tensor, keep_prob: float) -> torch.Tensor:
     """``where(rand < keep_prob, x_hat, x)`` by a 0/1 multiply (exact for finite values)."""
     if _REFERENCE:
-        return torch.where(torch.rand_like(x) < keep_prob, x_hat, x)
+        return torch.where(uniform_like(x) < keep_prob, x_hat, x)
     m = keep_mask(x, keep_prob)
     return torch.addcmul(x * (1 - m), x_hat, m)
 

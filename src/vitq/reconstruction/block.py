@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..adapters import is_head_block
+from ..distributed import sharded_map
 from ..errors import VitqError
 from ..losses import brecq_fisher_loss, kl_logits_loss, lp_loss, normalised
 from ..qmodules import QuantMode, set_mode
@@ -34,7 +36,7 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
     store = x_fp.device
     # ---- float targets of this block (everything float)
     set_mode(model, QuantMode.FLOAT)
-    y_fp = batched(block, x_fp, cfg.capture_batch_size, device, store)
+    y_fp = sharded_map(block, x_fp, cfg.capture_batch_size, device, store)
     fisher = (cfg.loss in FISHER_LOSSES) and not is_head
     per_sample = None
     fallback = None
@@ -82,6 +84,10 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=cfg.iters, eta_min=0.0) if opt_a else None
 
     n = len(x_fp)
+    train_params = rounding + [p for params in learned.values() for p in params] + \
+        [p for g in ext_groups for p in g["params"]]
+    dist = distributed.current()
+    world = distributed.world_size()
     snaps = set(snapshot_iterations(cfg.iters, cfg.rank, cfg.snapshot_schedule)) if fisher else set()
     state = FisherState()
     p1, p2 = cfg.weights
@@ -98,35 +104,49 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
         if idx is None:
             idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
         xb, yb = ctx.batch(idx)
-        out = block(xb)
+        # distributed: every rank draws the same global batch and runs its slice; its loss is the
+        # slice's mean weighted by its share, so the ranks' gradients sum to the global batch's
+        total = len(idx)
+        start, stop = dist.span(total) if dist is not None else (0, total)
+        share = (stop - start) / total
+        if dist is not None:
+            xb, yb, idx = xb[start:stop], yb[start:stop], idx[start:stop]
+        with distributed.sharded_draws(start, stop, total):
+            out = block(xb)
         if is_head:
             rec = kl_logits_loss(out, yb, cfg.head_temperature)
         elif fisher:
             terms = fisher_terms((out - yb).abs().reshape(len(xb), -1), state, cfg, p1, p2)
             if not state.refs:
-                state.refs = {k: float(v.detach()) for k, v in terms.items()}
+                keys = list(terms)
+                state.refs = dict(zip(keys, distributed.sum_floats([share * float(terms[k].detach()) for k in keys])))
             rec = sum((p1 if k == "lowrank" else p2) * normalised(v, state.refs[k]) for k, v in terms.items())
-        elif per_sample is not None:
-            delta = (out - yb).abs().reshape(len(xb), -1)
-            rec = brecq_fisher_loss(delta, per_sample[idx].to(device))
-            ref_rec = float(rec.detach()) if ref_rec is None else ref_rec
-            rec = normalised(rec, ref_rec)
         else:
-            rec = lp_loss(out, yb, 1.0 if cfg.loss == "mae" else 2.0)
-            ref_rec = float(rec.detach()) if ref_rec is None else ref_rec
+            if per_sample is not None:
+                delta = (out - yb).abs().reshape(len(xb), -1)
+                rec = brecq_fisher_loss(delta, per_sample[idx].to(device))
+            else:
+                rec = lp_loss(out, yb, 1.0 if cfg.loss == "mae" else 2.0)
+            if ref_rec is None:
+                ref_rec = distributed.sum_floats([share * float(rec.detach())])[0]
             rec = normalised(rec, ref_rec)
         if it < warm or not installed:
             reg = torch.zeros((), device=device)
         else:
             beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - (it - warm) / max(1, cfg.iters - warm))
             reg = cfg.round_lambda * sum(q.round_loss(beta) for q in installed)
-        loss = rec + reg
+        loss = rec + reg if dist is None else share * rec + reg / world
         if opt_w:
             opt_w.zero_grad(set_to_none=True)
         if opt_a:
             opt_a.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
+        if dist is not None:
+            for p in train_params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            distributed.all_sum_([p.grad for p in train_params], f"the reconstruction of {name}")
         if opt_w:
             opt_w.step()
         if opt_a:
@@ -138,6 +158,8 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
         # a NaN stays NaN through Adam, so it is still caught within log_every iterations
         if it % cfg.log_every == 0 or it == cfg.iters - 1:
             rec_v, round_v = float(rec.detach()), float(reg.detach())
+            if dist is not None:
+                rec_v = distributed.sum_floats([share * rec_v], f"the reconstruction of {name}")[0]
             if not math.isfinite(rec_v + round_v):
                 raise VitqError(f"the reconstruction loss of {name} became NaN/Inf by iteration {it}: "
                                 "lower --act-lr / --weight-lr or check the calibration")

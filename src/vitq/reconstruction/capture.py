@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .. import distributed
 from ..adapters import block_input_source
 from ..capture import StopForward, run_until_stopped
 
@@ -14,7 +15,10 @@ from ..capture import StopForward, run_until_stopped
 @torch.no_grad()
 def capture_block_input(model: nn.Module, name: str, block: nn.Module, images: torch.Tensor, batch_size: int,
                         device: torch.device, store: torch.device) -> torch.Tensor:
-    """The input of block ``name`` over ``images`` with the model's current modes."""
+    """The input of block ``name`` over ``images`` with the model's current modes.
+
+    Distributed, each rank runs its slice of the images and every rank gets all the inputs.
+    """
     source, from_output = block_input_source(model, name, block)
     chunks: list[torch.Tensor] = []
 
@@ -27,8 +31,8 @@ def capture_block_input(model: nn.Module, name: str, block: nn.Module, images: t
         raise StopForward
 
     handle = source.register_forward_hook(post_hook) if from_output else source.register_forward_pre_hook(pre_hook)
-    run_until_stopped(model, images, batch_size, device, [handle])
-    return torch.cat(chunks)
+    run_until_stopped(model, distributed.local_rows(images), batch_size, device, [handle])
+    return distributed.gather_rows(torch.cat(chunks))
 
 
 @torch.no_grad()

@@ -50,7 +50,8 @@ _WHAT = {"model": "another model (or other model weights / calibration)", "image
          "settings": "another recipe or other settings", "versions": "other package versions"}
 
 
-def load_progress(folder: Path, key: dict[str, str]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]] | None:
+def load_progress(folder: Path, key: dict[str, str], world_size: int = 1
+                  ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]] | None:
     """The finished blocks and the saved state of the run in ``folder``, or None if there is none.
 
     Raises a one-line :class:`VitqError` when the folder holds another run's checkpoint or a
@@ -72,6 +73,12 @@ def load_progress(folder: Path, key: dict[str, str]) -> tuple[list[dict[str, Any
     differs = [part for part in key if saved_key.get(part) != key[part]]
     if differs:
         raise VitqError(f"{folder} holds a reconstruction run of {' and '.join(_WHAT[p] for p in differs)}: {fix}")
+    saved_world = int(saved.get("world_size", 1))
+    if saved_world != world_size:
+        # the steps agree only to float rounding across world sizes; resuming would mix the two
+        how = "in one process" if saved_world == 1 else f"with torchrun --nproc-per-node {saved_world}"
+        raise VitqError(f"{folder} holds a run on {saved_world} process(es), this one has {world_size}: "
+                        f"resume it {how}, or {fix}")
     try:
         blob = state_file.read_bytes()
     except OSError:
@@ -85,14 +92,16 @@ def load_progress(folder: Path, key: dict[str, str]) -> tuple[list[dict[str, Any
     return blocks, state
 
 
-def save_progress(folder: Path, key: dict[str, str], blocks: list[dict[str, Any]], model: nn.Module) -> None:
+def save_progress(folder: Path, key: dict[str, str], blocks: list[dict[str, Any]], model: nn.Module,
+                  world_size: int = 1) -> None:
     """Write the model state and the finished blocks atomically (tensors first, then the index)."""
     from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     blob = save(_untie(state))
     atomic_write_bytes(folder / STATE_FILE, lambda fh: fh.write(blob))
-    index = {"format": FORMAT, "key": key, "blocks": blocks, "state_sha256": hashlib.sha256(blob).hexdigest()}
+    index = {"format": FORMAT, "key": key, "blocks": blocks, "state_sha256": hashlib.sha256(blob).hexdigest(),
+             "world_size": world_size}
     atomic_write_bytes(folder / PROGRESS_FILE, lambda fh: fh.write(json.dumps(index, indent=1).encode()))
 
 

@@ -11,12 +11,15 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..adapters import is_head_block, reconstruction_blocks
+from ..distributed import sharded_map
+from ..errors import VitqError
 from ..qmodules import QuantMode, set_mode
 from ..report import PeakMemory
 from . import checkpoint
 from .block import reconstruct_block
-from .capture import batched, capture_block_input
+from .capture import capture_block_input
 from .config import FISHER_LOSSES, ReconConfig
 from .extension import BlockExtension
 from .rounding import block_quant_modules, fold_learned_rounding, install_learned_rounding
@@ -35,6 +38,21 @@ def _restore_finished(model: nn.Module, blocks: list[tuple[str, nn.Module]], don
         if extension is not None:
             extension.restore_block(model, name, block, finished[name])
     model.load_state_dict(state)
+
+
+def _load_on_main(folder: Path, key: dict[str, str], world: int
+                  ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]] | None:
+    """Rank 0 reads the checkpoint (the others may not share its disk) and sends it, or its error, to all."""
+    result: tuple[str, Any] = ("ok", None)
+    if distributed.is_main():
+        try:
+            result = ("ok", checkpoint.load_progress(folder, key, world))
+        except VitqError as exc:
+            result = ("error", str(exc))
+    status, value = distributed.broadcast_object(result, "loading the checkpoint")
+    if status == "error":
+        raise VitqError(value)
+    return value
 
 
 def block_seed(seed: int, index: int) -> int:
@@ -63,11 +81,12 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
     folder = Path(work_dir) if work_dir is not None else None
     key: dict[str, str] = {}
     done: list[dict[str, Any]] = []
+    world = distributed.world_size()
     if folder is not None:
-        if restart:
+        if restart and distributed.is_main():
             checkpoint.discard(folder)
         key = checkpoint.run_key(model, images, {"recon": asdict(cfg), "seed": seed, **(run_settings or {})})
-        saved = checkpoint.load_progress(folder, key)
+        saved = _load_on_main(folder, key, world)
         if saved is not None:
             done, state = saved
             _restore_finished(model, blocks, done, state, cfg, extension)
@@ -75,7 +94,8 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
     targets = None
     if cfg.loss in FISHER_LOSSES or cfg.loss == "brecq":
         set_mode(model, QuantMode.FLOAT)
-        targets = torch.softmax(batched(model, images, cfg.capture_batch_size, device, store) / cfg.temperature, -1)
+        targets = torch.softmax(sharded_map(model, images, cfg.capture_batch_size, device, store) / cfg.temperature,
+                                -1)
     finished = {d["block"] for d in done}
     todo = [name for name in names if name not in finished]
     t_start = time.perf_counter()
@@ -104,8 +124,8 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
             del x_fp, x_q
         summary.update(mem.summary())
         done.append(summary)
-        if folder is not None:
-            checkpoint.save_progress(folder, key, done, model)
+        if folder is not None and distributed.is_main():
+            checkpoint.save_progress(folder, key, done, model, world)
         if progress:
             tqdm.write(f"  {name}: {summary['seconds']:.1f}s, rec loss {summary['final_rec_loss']:.4f}, "
                        f"output MSE {summary['output_mse_calibrated']:.5f} -> {summary['output_mse_fp_input']:.5f}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .. import distributed
 from ..adapters import forward_after
 from ..losses import fisher_diag_loss, fisher_lowrank_loss, fisher_lr_loss, lowrank_metric, rms_normalised
 from .config import ReconConfig
@@ -34,31 +35,47 @@ def _kl_to_targets(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return torch.nn.functional.kl_div(torch.log_softmax(logits / temperature, -1), targets, reduction="batchmean")
 
 
+def _local_batch(start: int, total: int) -> tuple[int, int, float]:
+    """This rank's slice of the images ``start:start+total`` and its share of the batch."""
+    dist = distributed.current()
+    lo, hi = dist.span(total) if dist is not None else (0, total)
+    return start + lo, start + hi, (hi - lo) / total
+
+
 def _take_snapshot(model: nn.Module, name: str, block: nn.Module, x_in: torch.Tensor, y_fp: torch.Tensor,
                    targets: torch.Tensor, cfg: ReconConfig, device: torch.device, perturb: torch.Generator | None
                    ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One snapshot: (mean |dKL/dout|, mean |out - Y_fp|, sum of squared gradients), each over all images."""
+    """One snapshot: (mean |dKL/dout|, mean |out - Y_fp|, sum of squared gradients), each over all images.
+
+    Distributed, each batch is split over the ranks (QDrop and the perturbation draw for the whole
+    batch, each rank keeps its rows; the KL is weighted by the rank's share so its gradient is the
+    batch's) and the sums are summed over the ranks.
+    """
     g_sum = d_sum = None
-    sq = 0.0
+    sq = torch.zeros((), dtype=torch.float64, device=device)
     n = len(x_in)
     for i in range(0, n, cfg.capture_batch_size):
-        xb = x_in[i:i + cfg.capture_batch_size].to(device)
-        yb = y_fp[i:i + cfg.capture_batch_size].to(device)
-        with torch.no_grad():
+        total = min(cfg.capture_batch_size, n - i)
+        lo, hi, share = _local_batch(i, total)
+        xb = x_in[lo:hi].to(device)
+        yb = y_fp[lo:hi].to(device)
+        with torch.no_grad(), distributed.sharded_draws(lo - i, hi - i, total):
             if perturb is None:
                 out = block(xb)
             else:  # schedule "r": a small positive perturbation of the float output
-                out = yb + (1 + torch.rand(yb.shape, generator=perturb).to(device)) * cfg.perturb_scale
+                noise = torch.rand((total, *y_fp.shape[1:]), generator=perturb)[lo - i:hi - i]
+                out = yb + (1 + noise.to(device)) * cfg.perturb_scale
         out = out.detach().requires_grad_(True)
         logits = forward_after(model, name, out)
-        loss = _kl_to_targets(logits, targets[i:i + cfg.capture_batch_size].to(device), cfg.temperature)
-        (grad,) = torch.autograd.grad(loss, out)
+        loss = _kl_to_targets(logits, targets[lo:hi].to(device), cfg.temperature)
+        (grad,) = torch.autograd.grad(loss * share if share != 1.0 else loss, out)
         g = grad.abs().reshape(len(xb), -1).sum(0)
         d = (out.detach() - yb).abs().reshape(len(xb), -1).sum(0)
-        sq += float(grad.pow(2).sum())
+        sq += grad.pow(2).sum().double()  # a float32 sum per batch, totalled in float64 on the device
         g_sum = g if g_sum is None else g_sum + g
         d_sum = d if d_sum is None else d_sum + d
-    return g_sum / n, d_sum / n, sq
+    distributed.all_sum_([g_sum, d_sum, sq], f"a Fisher snapshot of {name}")
+    return g_sum / n, d_sum / n, float(sq)
 
 
 def per_sample_grads(model: nn.Module, name: str, block: nn.Module, x_in: torch.Tensor, targets: torch.Tensor,
@@ -66,17 +83,16 @@ def per_sample_grads(model: nn.Module, name: str, block: nn.Module, x_in: torch.
     """BRECQ: per-sample KL gradients at the float block output fed by the quantized prefix."""
     grads = []
     for i in range(0, len(x_in), cfg.capture_batch_size):
-        xb = x_in[i:i + cfg.capture_batch_size].to(device)
+        total = min(cfg.capture_batch_size, len(x_in) - i)
+        lo, hi, share = _local_batch(i, total)
+        xb = x_in[lo:hi].to(device)
         with torch.no_grad():
             out = block(xb)
         out = out.detach().requires_grad_(True)
-        loss = _kl_to_targets(forward_after(model, name, out), targets[i:i + cfg.capture_batch_size].to(device),
-                              cfg.temperature)
-        (grad,) = torch.autograd.grad(loss, out)
+        loss = _kl_to_targets(forward_after(model, name, out), targets[lo:hi].to(device), cfg.temperature)
+        (grad,) = torch.autograd.grad(loss * share if share != 1.0 else loss, out)
         grads.append(grad.reshape(len(xb), -1).to(store))
-    return torch.cat(grads)
-
-
+    return distributed.gather_rows(torch.cat(grads))
 
 
 def refresh_snapshots(model: nn.Module, name: str, block: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor,
