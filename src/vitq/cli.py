@@ -399,6 +399,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         result = quantize_with_summary(model, calib, recipe, device=device, progress=progress, work_dir=out,
                                        restart=args.restart)
     stages.update({f"quantize.{k}": v for k, v in result.stages.items()})
+    from . import distributed
+
+    # under torchrun: each rank's own stage times and memory (stages above are rank 0's)
+    report["ranks"] = distributed.gather_objects({"rank": 0 if distributed.current() is None
+                                                  else distributed.current().rank, "stages": result.stages})
     report["calibration"] = result.calibration
     if result.reconstruction is not None:
         report["reconstruction_blocks"] = result.reconstruction["blocks"]

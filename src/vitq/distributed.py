@@ -234,6 +234,19 @@ def broadcast_object(obj: Any, what: str = "sharing state") -> Any:
     return box[0]
 
 
+def gather_objects(obj: Any, what: str = "gathering results") -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in one process)."""
+    d = _ACTIVE
+    if d is None:
+        return [obj]
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * d.world
+    with collective(what):
+        dist.all_gather_object(values, obj, group=d.group)
+    return values
+
+
 def barrier(what: str = "waiting for the other ranks") -> None:
     d = _ACTIVE
     if d is None:
@@ -249,11 +262,7 @@ def check_same(value: Any, what: str) -> None:
     d = _ACTIVE
     if d is None:
         return
-    import torch.distributed as dist
-
-    values: list[Any] = [None] * d.world
-    with collective(f"checking {what}"):
-        dist.all_gather_object(values, value, group=d.group)
+    values = gather_objects(value, f"checking {what}")
     if any(v != values[0] for v in values):
         raise VitqError(f"the ranks disagree on {what} ({values[0]!r} on rank 0, {value!r} on rank {d.rank}): "
                         "start every rank with the same command")

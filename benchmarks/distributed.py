@@ -1,0 +1,117 @@
+"""Data parallelism on one machine: the same fimaq run as 1 process x 1 thread, 1 x 2 threads, 2 x 1.
+
+    python benchmarks/distributed.py                   # all three layouts (about 45 min on 2 cores)
+    python benchmarks/distributed.py --layouts 2x1     # one of them
+
+Each layout runs the CLI exactly as a user would, ``cifar10_vit`` W3A3 ``fimaq`` at 500 iterations
+per block, seed 0, evaluated on the 10,000 CIFAR-10 test images:
+
+* ``1x1``: ``OMP_NUM_THREADS=1 python -m vitq quantize ...``
+* ``1x2``: ``OMP_NUM_THREADS=2 python -m vitq quantize ...``
+* ``2x1``: ``OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m vitq quantize ...``
+
+and records the wall time of each stage (rank 0's report), each rank's peak memory and top-1.
+Nothing else may run on the machine meanwhile: the layouts are compared by wall time.
+Writes ``distributed.json`` and ``distributed.md`` next to this script after every layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+QUANTIZE = ["quantize", "--model", "cifar10_vit", "--data", "cifar10", "--recipe", "fimaq", "--w-bits", "3",
+            "--a-bits", "3", "--iters", "500", "--seed", "0", "--skip-fp-eval", "--quiet"]
+LAYOUTS = {
+    "1x1": (1, 1),
+    "1x2": (1, 2),
+    "2x1": (2, 1),
+}
+
+
+def command(layout: str, out: Path) -> tuple[list[str], dict[str, str]]:
+    procs, threads = LAYOUTS[layout]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
+    argv = [*QUANTIZE, "--out", str(out)]
+    if procs == 1:
+        return [sys.executable, "-m", "vitq", *argv], env
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
+            "-m", "vitq", *argv], env
+
+
+def run_layout(layout: str, work: Path) -> dict:
+    out = work / f"dist-{layout}"
+    shutil.rmtree(out, ignore_errors=True)
+    argv, env = command(layout, out)
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{layout} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    report = json.loads((out / "report.json").read_text())
+    stages = report["stages"]
+    return {
+        "command": " ".join(f"{k}={env[k]}" for k in ("OMP_NUM_THREADS",)) + " " + " ".join(
+            a if not a.startswith("/") else Path(a).name for a in argv),
+        "wall_s": round(wall, 1),
+        "stage_s": {k: stages[k]["seconds"] for k in ("load", "calibration_data", "quantize.calibration",
+                                                      "quantize.reconstruction", "eval_quant", "save") if k in stages},
+        "peak_mem_mb_per_rank": [max(s.get("peak_mem_mb", 0.0) for s in r["stages"].values()) for r in report["ranks"]],
+        "top1": report["quant_top1"],
+        "world_size": report.get("world_size", 1),
+    }
+
+
+def summarise(r: dict) -> str:
+    rows = r.get("layouts", {})
+    base, two_threads = rows.get("1x1"), rows.get("1x2")
+    lines = ["# Data parallelism on one machine (torch.distributed, gloo)", "",
+             f"`cifar10_vit` W3A3 `fimaq`, 500 iterations per block, seed 0, top-1 on the 10,000 CIFAR-10 test "
+             f"images, on this {os.cpu_count()}-core CPU. Reproduce: `{r['command']}`. Each layout is the CLI "
+             "as a user runs it (commands below); wall time is the whole command, stage times are rank 0's.", "",
+             "| layout | wall s | calibration s | reconstruction s | eval s | speed-up vs 1x1 | vs 1x2 | "
+             "peak MB per rank | top-1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        st = row["stage_s"]
+        up = f"{base['wall_s'] / row['wall_s']:.2f}x" if base else "-"
+        up2 = f"{two_threads['wall_s'] / row['wall_s']:.2f}x" if two_threads else "-"
+        mem = " / ".join(f"{m:.0f}" for m in row["peak_mem_mb_per_rank"])
+        lines.append(f"| {name} | {row['wall_s']:.0f} | {st.get('quantize.calibration', 0):.0f} | "
+                     f"{st.get('quantize.reconstruction', 0):.0f} | {st.get('eval_quant', 0):.0f} | {up} | {up2} | "
+                     f"{mem} | {row['top1']:.2f} |")
+    lines += ["", "Commands:", ""] + [f"    {row['command']}" for row in rows.values()]
+    if r.get("notes"):
+        lines += ["", "## Reading the numbers", "", r["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS))
+    ap.add_argument("--work", type=Path, default=ROOT / "runs")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from vitq.data import atomic_write_bytes
+    from vitq.report import versions
+
+    path = HERE / "distributed.json"
+    r = json.loads(path.read_text()) if path.is_file() else {}
+    r.update(command="python benchmarks/distributed.py", versions=versions())
+    for layout in args.layouts:
+        r.setdefault("layouts", {})[layout] = run_layout(layout, args.work)
+        r["layouts"] = {k: r["layouts"][k] for k in LAYOUTS if k in r["layouts"]}
+        atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
+        atomic_write_bytes(HERE / "distributed.md", lambda fh: fh.write(summarise(r).encode()))
+        print(layout, r["layouts"][layout], flush=True)
+
+
+if __name__ == "__main__":
+    main()
