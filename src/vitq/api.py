@@ -138,7 +138,8 @@ def quantize_with_summary(model: nn.Module, calib_data: Any, recipe: str | Recip
     resumes after the last finished block (``restart=True`` discards it). ``after_calibration(model)``
     is called between calibration and reconstruction (e.g. to evaluate the calibration-only model).
 
-    Under torch.distributed (``process_group``, or the default group when one is initialised) the
+    Under torch.distributed (``process_group``, or the default group when one is initialised;
+    ``process_group=False`` keeps this call to one process) the
     work is shared out over the ranks and every rank returns the same model as one process would
     (``vitq.distributed``); give every rank the same ``calib_data``, recipe and seed. Only rank 0
     prints and writes checkpoints.

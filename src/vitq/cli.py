@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-lr", type=float, default=None, help="AdaRound learning rate (1e-3)")
     g.add_argument("--act-lr", type=float, default=None, help="activation-scale learning rate (4e-5)")
     g.add_argument("--round-lambda", type=float, default=None, help="rounding-regulariser weight (0.01)")
+    g.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
+                   help="the block's forward/backward under autocast (bf16 on CPU or CUDA, fp16 on CUDA); "
+                        "caches, targets and losses stay float32")
+    g.add_argument("--cache-on-disk", action="store_true", default=None,
+                   help="keep the cached block inputs/outputs in memory-mapped files ($VITQ_CACHE_DIR or the "
+                        "temp dir) instead of memory: for models whose caches do not fit")
     a = p_q.add_argument_group("AIQViT (recipes aiqvit, fimaq+dfq, fimaq+lrc, fimaq+aiq): switch each part on or off")
     a.add_argument("--dfq", action=argparse.BooleanOptionalAction, default=None,
                    help="dynamic focusing quantizer on post-softmax attention (= --softmax-quantizer dfq)")
@@ -304,7 +310,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 RECON_FLAGS = ("iters", "optim_size", "rank", "alpha", "lowrank_form", "snapshot_schedule", "renormalize",
-               "temperature", "input_mode", "drop_prob", "weight_lr", "act_lr", "round_lambda")
+               "temperature", "input_mode", "drop_prob", "weight_lr", "act_lr", "round_lambda", "autocast",
+               "cache_on_disk")
 AIQ_FLAGS = ("lrc", "lrc_mode", "rank_policy", "fixed_rank", "search_iters", "curriculum")
 
 

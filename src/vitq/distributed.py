@@ -94,13 +94,14 @@ def _group_device(group: Any) -> torch.device:
 def active(group: Any = None) -> Iterator[Dist | None]:
     """Make ``group`` (an initialised process group; None: the default group) the one vitq uses.
 
-    With a world of one, or torch.distributed not initialised, this is a single-process run.
+    With a world of one, torch.distributed not initialised, or ``group=False``, this is a
+    single-process run (inside a distributed program too: e.g. work every rank does alone).
     """
     import torch.distributed as dist
 
     global _ACTIVE
     saved = _ACTIVE
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+    if group is not False and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         _ACTIVE = Dist(group, dist.get_rank(group), dist.get_world_size(group), _group_device(group))
     else:
         _ACTIVE = None

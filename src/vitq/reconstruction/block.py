@@ -16,7 +16,7 @@ from ..distributed import sharded_map
 from ..errors import VitqError
 from ..losses import brecq_fisher_loss, kl_logits_loss, lp_loss, normalised
 from ..qmodules import QuantMode, set_mode
-from .capture import batched
+from .capture import batched, keep_cache
 from .config import FISHER_LOSSES, ReconConfig, snapshot_iterations
 from .extension import BlockContext, BlockExtension
 from .fisher import FisherState, fisher_terms, per_sample_grads, refresh_snapshots
@@ -36,7 +36,8 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
     store = x_fp.device
     # ---- float targets of this block (everything float)
     set_mode(model, QuantMode.FLOAT)
-    y_fp = sharded_map(block, x_fp, cfg.capture_batch_size, device, store)
+    y_fp = keep_cache(sharded_map(block, x_fp, cfg.capture_batch_size, device, store), cfg.cache_on_disk)
+    amp = cfg.autocast_context(device)
     fisher = (cfg.loss in FISHER_LOSSES) and not is_head
     per_sample = None
     fallback = None
@@ -111,8 +112,9 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
         share = (stop - start) / total
         if dist is not None:
             xb, yb, idx = xb[start:stop], yb[start:stop], idx[start:stop]
-        with distributed.sharded_draws(start, stop, total):
+        with distributed.sharded_draws(start, stop, total), amp:
             out = block(xb)
+        out = out.float()
         if is_head:
             rec = kl_logits_loss(out, yb, cfg.head_temperature)
         elif fisher:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Callable
 
 import torch
@@ -40,3 +42,26 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_s
             store: torch.device) -> torch.Tensor:
     """``fn`` over ``x`` in batches on ``device``, results gathered on ``store``."""
     return torch.cat([fn(x[i:i + batch_size].to(device)).detach().to(store) for i in range(0, len(x), batch_size)])
+
+
+def spill_to_disk(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a read-only memory-mapped file (``$VITQ_CACHE_DIR`` or the temp dir): pages come in
+    as batches are read and the kernel may drop them again, so a large cache does not stay resident.
+
+    The file is unlinked at once: the mapping keeps it alive and nothing is left behind after a crash.
+    """
+    folder = os.environ.get("VITQ_CACHE_DIR") or tempfile.gettempdir()
+    data = t.detach().contiguous().cpu()
+    fd, path = tempfile.mkstemp(prefix="vitq-cache-", suffix=".bin", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.reshape(-1).view(torch.uint8).numpy().data)
+        mapped = torch.from_file(path, shared=False, size=data.numel(), dtype=data.dtype)
+    finally:
+        os.unlink(path)
+    return mapped.reshape(data.shape)
+
+
+def keep_cache(t: torch.Tensor, on_disk: bool) -> torch.Tensor:
+    """A cache as the settings keep it: in memory as it is, or memory-mapped from disk."""
+    return spill_to_disk(t) if on_disk else t

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+
+import torch
 
 from ..errors import VitqError
 from ..losses import LOWRANK_FORMS
@@ -18,6 +21,7 @@ LOSSES = ("mse", "mae", "brecq", "fimaq_diag", "fimaq_lowrank", "fimaq_dplr", "f
 FISHER_LOSSES = ("fimaq_diag", "fimaq_lowrank", "fimaq_dplr", "fimaq_dplr_lowrank")
 INPUT_MODES = ("qdrop", "rinp", "qinp")
 SNAPSHOT_SCHEDULES = ("q", "qf", "r")
+AUTOCAST = (None, "bf16", "fp16")
 
 
 @dataclass
@@ -53,6 +57,8 @@ class ReconConfig:
     snapshot_qdrop: bool = True       # QDrop stays on during snapshots, as in the official code
     perturb_scale: float = 1e-6       # schedule "r": size of the positive output perturbation
     keep_on_device: bool = True       # caches on the compute device (else host memory)
+    cache_on_disk: bool = False       # caches in memory-mapped files ($VITQ_CACHE_DIR or the temp dir)
+    autocast: str | None = None       # None (float32) | bf16 | fp16 (CUDA): the block's forward/backward
     capture_batch_size: int = 64      # batch for caching inputs and for snapshots
     log_every: int = 10               # loss terms kept in the block summary every N iterations
 
@@ -61,10 +67,11 @@ class ReconConfig:
                   ("snapshot_schedule", self.snapshot_schedule, SNAPSHOT_SCHEDULES),
                   ("lowrank_form", self.lowrank_form, LOWRANK_FORMS),
                   ("renormalize", self.renormalize, ("refresh", "once")),
-                  ("snapshot_input", self.snapshot_input, ("fp", "quant", "qdrop"))]
+                  ("snapshot_input", self.snapshot_input, ("fp", "quant", "qdrop")),
+                  ("autocast", self.autocast, AUTOCAST)]
         for field, value, choices in checks:
             if value not in choices:
-                raise VitqError(f"{field} must be one of {', '.join(choices)}, got {value!r}")
+                raise VitqError(f"{field} must be one of {', '.join(map(str, choices))}, got {value!r}")
         if min(self.iters, self.batch_size, self.optim_size, self.capture_batch_size, self.log_every) <= 0:
             raise VitqError("iters, batch_size, optim_size, capture_batch_size and log_every must be positive")
         if self.rank < 1:
@@ -84,6 +91,14 @@ class ReconConfig:
         if self.alpha is not None:
             return 2.0 * self.alpha, 2.0 * (1.0 - self.alpha)
         return self.p1, self.p2
+
+    def autocast_context(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The autocast region of the block's optimisation passes (a no-op for float32)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        if self.autocast == "fp16" and device.type != "cuda":
+            raise VitqError("fp16 autocast needs a CUDA device: use autocast='bf16' (--autocast bf16) on a CPU")
+        return torch.autocast(device.type, dtype=torch.bfloat16 if self.autocast == "bf16" else torch.float16)
 
     def learning_rate(self, group: str) -> float:
         """The Adam learning rate of a quantizer parameter group (see Quantizer.trainable_parameters)."""

@@ -19,7 +19,7 @@ from ..qmodules import QuantMode, set_mode
 from ..report import PeakMemory
 from . import checkpoint
 from .block import reconstruct_block
-from .capture import capture_block_input
+from .capture import capture_block_input, keep_cache
 from .config import FISHER_LOSSES, ReconConfig
 from .extension import BlockExtension
 from .rounding import block_quant_modules, fold_learned_rounding, install_learned_rounding
@@ -74,7 +74,8 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
     ``cfg`` and ``seed``, identifies the run (the recipe). The global torch RNG is left as it was.
     """
     device = torch.device(device)
-    store = device if cfg.keep_on_device else torch.device("cpu")
+    store = device if cfg.keep_on_device and not cfg.cache_on_disk else torch.device("cpu")
+    cfg.autocast_context(device)  # refuses fp16 off CUDA before any work
     blocks = reconstruction_blocks(model)
     names = [n for n, _ in blocks]
     model.eval()
@@ -111,13 +112,14 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
             gen = torch.Generator().manual_seed(block_seed(seed, index))
             t0 = time.perf_counter()
             set_mode(model, QuantMode.FLOAT)
-            x_fp = capture_block_input(model, name, block, images, cfg.capture_batch_size, device, store)
+            x_fp = keep_cache(capture_block_input(model, name, block, images, cfg.capture_batch_size, device, store),
+                              cfg.cache_on_disk)
             for other in names[:index]:
                 if not is_head_block(model, other):
                     for m in block_quant_modules(model.get_submodule(other)):
                         m.mode = QuantMode.QUANT
-            x_q = x_fp if index == 0 else capture_block_input(model, name, block, images, cfg.capture_batch_size,
-                                                               device, store)
+            x_q = x_fp if index == 0 else keep_cache(
+                capture_block_input(model, name, block, images, cfg.capture_batch_size, device, store), cfg.cache_on_disk)
             summary = reconstruct_block(model, name, block, x_fp, x_q, targets, cfg, device, gen, progress,
                                         desc=f"block {index + 1}/{len(blocks)} {name}{eta}", extension=extension)
             summary["seconds"] = round(time.perf_counter() - t0, 3)

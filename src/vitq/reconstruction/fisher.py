@@ -54,19 +54,21 @@ def _take_snapshot(model: nn.Module, name: str, block: nn.Module, x_in: torch.Te
     g_sum = d_sum = None
     sq = torch.zeros((), dtype=torch.float64, device=device)
     n = len(x_in)
+    amp = cfg.autocast_context(device)
     for i in range(0, n, cfg.capture_batch_size):
         total = min(cfg.capture_batch_size, n - i)
         lo, hi, share = _local_batch(i, total)
         xb = x_in[lo:hi].to(device)
         yb = y_fp[lo:hi].to(device)
-        with torch.no_grad(), distributed.sharded_draws(lo - i, hi - i, total):
+        with torch.no_grad(), distributed.sharded_draws(lo - i, hi - i, total), amp:
             if perturb is None:
-                out = block(xb)
+                out = block(xb).float()
             else:  # schedule "r": a small positive perturbation of the float output
                 noise = torch.rand((total, *y_fp.shape[1:]), generator=perturb)[lo - i:hi - i]
                 out = yb + (1 + noise.to(device)) * cfg.perturb_scale
         out = out.detach().requires_grad_(True)
-        logits = forward_after(model, name, out)
+        with amp:
+            logits = forward_after(model, name, out).float()
         loss = _kl_to_targets(logits, targets[lo:hi].to(device), cfg.temperature)
         (grad,) = torch.autograd.grad(loss * share if share != 1.0 else loss, out)
         g = grad.abs().reshape(len(xb), -1).sum(0)
