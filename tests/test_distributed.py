@@ -209,12 +209,12 @@ def test_unshardable_sizes_are_refused_with_one_line():
     distributed._ACTIVE = distributed.Dist(None, 0, 4, torch.device("cpu"))
     try:
         with pytest.raises(VitqError, match="calibration images"):
-            distributed.check_shardable(3, 32, None)
+            distributed.check_shardable(3, None)
         with pytest.raises(VitqError, match="at least the 4 ranks"):
-            distributed.check_shardable(64, 32, ReconConfig(batch_size=2))
+            distributed.check_shardable(64, ReconConfig(batch_size=2))
         with pytest.raises(VitqError, match="last batch of 2"):
-            distributed.check_shardable(64, 32, ReconConfig(optim_size=66, capture_batch_size=64))
-        distributed.check_shardable(64, 32, ReconConfig(optim_size=68, capture_batch_size=64))
+            distributed.check_shardable(64, ReconConfig(optim_size=66, capture_batch_size=64))
+        distributed.check_shardable(64, ReconConfig(optim_size=68, capture_batch_size=64))
     finally:
         distributed._ACTIVE = saved
 

@@ -156,7 +156,7 @@ def _quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe, device: s
     dev = resolve_device(None if device is None else str(device))
     pool = _collect_images(calib_data, images_needed(recipe), recipe.seed)
     calib = pool[torch.from_numpy(fixed_subset(len(pool), recipe.calib_size, recipe.seed))]
-    distributed.check_shardable(recipe.calib_size, recipe.calibration.batch_size, recipe.reconstruction)
+    distributed.check_shardable(recipe.calib_size, recipe.reconstruction)
     distributed.check_same(recipe.to_dict(), "the recipe")
     stages: dict[str, dict[str, float]] = {}
     model.eval().to(dev)

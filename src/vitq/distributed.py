@@ -309,7 +309,7 @@ def split_candidates(n: int, score: Callable[[int], torch.Tensor]) -> torch.Tens
     return gather_rows(mine_t, "a calibration search")
 
 
-def check_shardable(calib_size: int, calib_batch: int, recon: Any) -> None:
+def check_shardable(calib_size: int, recon: Any) -> None:
     """A one-line error when some rank would get no images of a batch it must split."""
     w = world_size()
     if w == 1:
@@ -367,9 +367,11 @@ def uniform_like(x: torch.Tensor) -> torch.Tensor:
     if local == 0 or rows % local:
         raise VitqError(f"cannot slice a random draw of {rows} rows over {local} samples per rank")
     per = rows // local
-    layout = torch.empty_like(x)  # the strides rand_like fills (x's for dense x, else contiguous)
-    order = (list(range(x.dim())) if layout.is_contiguous()
-             else sorted(range(x.dim()), key=lambda i: (-layout.stride(i), i)))
+    order = list(range(x.dim()))
+    if not x.is_contiguous():
+        layout = torch.empty_like(x)  # the strides rand_like fills (x's for dense x, else contiguous)
+        if not layout.is_contiguous():
+            order = sorted(order, key=lambda i: (-layout.stride(i), i))
     if order[0] != 0:
         raise VitqError("a QDrop input whose batch is not its outermost dimension cannot be sharded")
     shape = [s.total * per if i == 0 else x.shape[i] for i in order]

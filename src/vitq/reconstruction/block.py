@@ -137,7 +137,7 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
         else:
             beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - (it - warm) / max(1, cfg.iters - warm))
             reg = cfg.round_lambda * sum(q.round_loss(beta) for q in installed)
-        loss = rec + reg if dist is None else share * rec + reg / world
+        loss = share * rec + reg / world  # one process: share 1, world 1, exactly rec + reg
         if opt_w:
             opt_w.zero_grad(set_to_none=True)
         if opt_a:

@@ -70,7 +70,7 @@ def _take_snapshot(model: nn.Module, name: str, block: nn.Module, x_in: torch.Te
         with amp:
             logits = forward_after(model, name, out).float()
         loss = _kl_to_targets(logits, targets[lo:hi].to(device), cfg.temperature)
-        (grad,) = torch.autograd.grad(loss * share if share != 1.0 else loss, out)
+        (grad,) = torch.autograd.grad(loss * share, out)  # share 1.0 in one process: exact
         g = grad.abs().reshape(len(xb), -1).sum(0)
         d = (out.detach() - yb).abs().reshape(len(xb), -1).sum(0)
         sq += grad.pow(2).sum().double()  # a float32 sum per batch, totalled in float64 on the device
@@ -92,7 +92,7 @@ def per_sample_grads(model: nn.Module, name: str, block: nn.Module, x_in: torch.
             out = block(xb)
         out = out.detach().requires_grad_(True)
         loss = _kl_to_targets(forward_after(model, name, out), targets[lo:hi].to(device), cfg.temperature)
-        (grad,) = torch.autograd.grad(loss * share if share != 1.0 else loss, out)
+        (grad,) = torch.autograd.grad(loss * share, out)
         grads.append(grad.reshape(len(xb), -1).to(store))
     return distributed.gather_rows(torch.cat(grads))
 

@@ -68,7 +68,7 @@ def _saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-def _quick_calibrated(model: nn.Module, image_shape: tuple[int, ...], cfg: ReconConfig) -> nn.Module:
+def _quick_calibrated(model: nn.Module, image_shape: tuple[int, ...]) -> nn.Module:
     import vitq
 
     twin = copy.deepcopy(model).float().cpu()
@@ -86,7 +86,7 @@ def reconstruction_memory(model: nn.Module, cfg: ReconConfig, image_shape: tuple
     ``cache``: ``memory`` (device or host: counted) or ``disk`` (memory-mapped files: not counted).
     """
     n = cfg.optim_size
-    quant = _quick_calibrated(model, image_shape, cfg)
+    quant = _quick_calibrated(model, image_shape)
     set_mode(quant, QuantMode.FLOAT)
     one = torch.randn((1, *image_shape), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
