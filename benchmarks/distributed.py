@@ -103,7 +103,7 @@ def measure_memory() -> dict:
 
     import vitq
     from vitq.reconstruction import ReconConfig
-    from vitq.reconstruction.memory import reconstruction_memory, summary
+    from vitq.reconstruction.memory import measure_footprint, reconstruction_memory, summary
 
     proc = subprocess.run([sys.executable, "-c", MEASURE, str(ROOT / "src")], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -118,11 +118,13 @@ def measure_memory() -> dict:
     torch.set_num_threads(1)
     for name in ("deit_base_patch16_224", "swin_base_patch4_window7_224"):
         model = timm.create_model(name, pretrained=False).eval()
+        cfg = ReconConfig(optim_size=1024)
+        footprint = measure_footprint(model, (3, 224, 224), cfg.adaround, cfg.drop_prob)  # once per model
         row = {}
         for world in (1, 2, 8):
             for cache in ("memory", "disk"):
-                e = reconstruction_memory(model, ReconConfig(optim_size=1024), (3, 224, 224), world_size=world,
-                                          cache=cache)
+                e = reconstruction_memory(None, cfg, (3, 224, 224), world_size=world, cache=cache,
+                                          footprint=footprint)
                 row[f"{world}x_{cache}"] = summary(e)
         out[name] = row
     return out

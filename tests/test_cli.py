@@ -124,16 +124,25 @@ def test_quantize_subprocess_applies_the_override_flags(tiny_vit_dir, colour_tre
     assert _tensors(out / "model")["blocks.0.attn.matmul2.a_quantizer.b1"].numel() == 3
     # --no-dfq takes the recipe back to the uniform post-softmax quantizer
     out2 = tmp_path / "q2"
+    # (and the global term and the refinement stage take their flags)
     proc = _vitq("quantize", "--model", tiny_vit_dir, "--data", colour_tree, "--recipe", "fimaq+dfq", "--no-dfq",
-                 "--iters", "2", "--out", out2, *TINY_RECON)
+                 "--iters", "2", "--global-weight", "0.5", "--global-every", "2", "--refine-iters", "3",
+                 "--refine-rounding", "soft", "--refine-drop-prob", "0.5", "--out", out2, *TINY_RECON)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((out2 / "report.json").read_text())["config"]["softmax_quantizer"] == "uniform"
+    report = json.loads((out2 / "report.json").read_text())
+    assert report["config"]["softmax_quantizer"] == "uniform"
+    assert report["config"]["reconstruction"]["global_weight"] == 0.5
+    assert report["config"]["reconstruction"]["global_every"] == 2
+    assert report["config"]["refine"]["iters"] == 3 and report["config"]["refine"]["rounding"] == "soft"
+    assert report["refinement"]["history"]["iteration"] == [0, 2] and "quantize.refinement" in report["stages"]
 
 
 @pytest.mark.parametrize("argv, needle", [
     (["--recipe", "fimaq+lrc", "--dfq-granularity", "head"], "--dfq-granularity"),
     (["--recipe", "fimaq", "--lrc-mode", "side"], "no aiq stage"),
     (["--recipe", "mse", "--iters", "5"], "no reconstruction stage"),
+    (["--recipe", "mse", "--refine-drop-prob", "2"], "refine drop_prob"),
+    (["--recipe", "qdrop", "--global-weight", "-1"], "global_weight"),
     (["--recipe", "fimaq", "--w-bits", "9"], "between 2 and 8"),
     (["--recipe", "nope"], "unknown recipe"),
 ])

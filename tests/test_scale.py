@@ -106,3 +106,18 @@ def test_memory_formula_parts():
     big = reconstruction_memory(model, ReconConfig(optim_size=200, batch_size=8, rank=3, capture_batch_size=16),
                                 image_shape=(3, 32, 32))
     assert big.per_block["blocks.0"]["caches"] == 2 * block["caches"]
+
+
+def test_one_measured_footprint_serves_every_setting():
+    from vitq.reconstruction.memory import measure_footprint
+
+    model = tiny_vit()
+    cfg = ReconConfig(optim_size=100, batch_size=8, rank=3, capture_batch_size=16)
+    footprint = measure_footprint(model, (3, 32, 32), cfg.adaround, cfg.drop_prob)
+    for world, cache in ((1, "memory"), (2, "disk")):
+        fresh = reconstruction_memory(model, cfg, (3, 32, 32), world_size=world, cache=cache)
+        reused = reconstruction_memory(None, cfg, (3, 32, 32), world_size=world, cache=cache, footprint=footprint)
+        assert reused.total_bytes == fresh.total_bytes and reused.per_block == fresh.per_block
+    # a footprint measured for other rounding settings is not reused silently
+    with pytest.raises(ValueError, match="footprint"):
+        reconstruction_memory(None, ReconConfig(adaround=False), (3, 32, 32), footprint=footprint)

@@ -108,7 +108,15 @@ def calibration_images(model: nn.Module, data: str, n: int, seed: int = 0, trans
 def images_needed(recipe: Recipe) -> int:
     """How many images ``quantize`` takes from ``calib_data`` for ``recipe``."""
     optim = recipe.reconstruction.optim_size if recipe.reconstruction is not None else 0
-    return max(recipe.calib_size, optim)
+    refine = refine_size(recipe) if recipe.refine is not None else 0
+    return max(recipe.calib_size, optim, refine)
+
+
+def refine_size(recipe: Recipe) -> int:
+    """How many images the end-to-end refinement uses: its own setting, else the reconstruction's."""
+    if recipe.refine.optim_size is not None:
+        return recipe.refine.optim_size
+    return recipe.reconstruction.optim_size if recipe.reconstruction is not None else 1024
 
 
 @dataclass
@@ -120,6 +128,7 @@ class QuantizeResult:
     calibration: dict[str, Any]
     reconstruction: dict[str, Any] | None
     stages: dict[str, dict[str, float]] = field(default_factory=dict)  # seconds and peak memory per stage
+    refinement: dict[str, Any] | None = None
 
 
 def quantize_with_summary(model: nn.Module, calib_data: Any, recipe: str | Recipe = "mse", *,
@@ -167,21 +176,36 @@ def _quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe, device: s
             summary["zero_points_moved_into_codes"] = keep_zero_points_in_codes(model)
     if after_calibration is not None:
         after_calibration(model)
-    recon = None
+    recon = refined = None
+    if recipe.refine is not None:
+        from .reconstruction.refine import float_logits
+
+        refine_images = pool[torch.from_numpy(fixed_subset(len(pool), refine_size(recipe), recipe.seed))]
+        with stage(stages, "refinement_targets", dev):
+            teacher = float_logits(model, refine_images, recipe.refine.batch_size, dev)
     if recipe.reconstruction is not None:
         from .reconstruction import reconstruct
 
         extension = recipe.aiq.make_extension() if recipe.aiq is not None else None
+        # the block stage does not depend on the recipe's name or its refinement, so a run that
+        # differs only in those resumes the same finished blocks
+        settings = {k: v for k, v in recipe.to_dict().items() if k not in ("name", "refine")}
         with stage(stages, "reconstruction", dev):
             recon = reconstruct(model, pool, recipe.reconstruction, dev, seed=recipe.seed, progress=progress,
-                                work_dir=work_dir, run_settings={"recipe": recipe.to_dict()}, extension=extension,
-                                restart=restart)
+                                work_dir=work_dir, run_settings={"recipe": settings}, extension=extension,
+                                restart=restart, fold=recipe.refine is None)
+    if recipe.refine is not None:
+        from .reconstruction.refine import refine_end_to_end
+
+        with stage(stages, "refinement", dev):
+            refined = refine_end_to_end(model, refine_images, teacher, recipe.refine, dev, seed=recipe.seed,
+                                        progress=progress)
     # One plain dict on the root model (like timm's pretrained_cfg) so the model can be saved.
     model.vitq_config = {"recipe": recipe.to_dict(), "spec": asdict(recipe.quant_spec()),
                          "folded_layers": summary["folded_layers"]}
     if recon is not None and recon.get("lrc_side_ranks"):
         model.vitq_config["lrc_side_ranks"] = recon["lrc_side_ranks"]
-    return QuantizeResult(model, recipe, summary, recon, stages)
+    return QuantizeResult(model, recipe, summary, recon, stages, refined)
 
 
 def quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe = "mse", **kwargs: Any) -> nn.Module:

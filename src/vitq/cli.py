@@ -120,6 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-on-disk", action="store_true", default=None,
                    help="keep the cached block inputs/outputs in memory-mapped files ($VITQ_CACHE_DIR or the "
                         "temp dir) instead of memory: for models whose caches do not fit")
+    g.add_argument("--global-weight", type=float, default=None,
+                   help="GLF-Q-style global term: weight of the penultimate-feature match through the float "
+                        "rest of the network (default 0: off; recipe fimaq+global: 1)")
+    g.add_argument("--global-every", type=_positive_int, default=None,
+                   help="add the global term on every N-th iteration only (default 1)")
+    e = p_q.add_argument_group("end-to-end refinement after reconstruction (recipes *+refine; any recipe with "
+                               "--refine-iters)")
+    e.add_argument("--refine-iters", type=_positive_int, default=None, help="refinement iterations (default 200)")
+    e.add_argument("--refine-optim-size", type=_positive_int, default=None,
+                   help="refinement images (default: --optim-size, or 1024 without reconstruction)")
+    e.add_argument("--refine-rounding", choices=("hard", "soft"), default=None,
+                   help="hard: the learned rounding stays; soft: it learns again (default hard)")
+    e.add_argument("--refine-act-lr", type=float, default=None, help="activation-scale learning rate (4e-5)")
+    e.add_argument("--refine-temperature", type=float, default=None, help="KL temperature (default 1)")
+    e.add_argument("--refine-drop-prob", type=float, default=None,
+                   help="QDrop keep probability during refinement (default 1: off)")
+    e.add_argument("--refine-learn-biases", action=argparse.BooleanOptionalAction, default=None,
+                   help="also learn the quantized layers' float biases (default off)")
     a = p_q.add_argument_group("AIQViT (recipes aiqvit, fimaq+dfq, fimaq+lrc, fimaq+aiq): switch each part on or off")
     a.add_argument("--dfq", action=argparse.BooleanOptionalAction, default=None,
                    help="dynamic focusing quantizer on post-softmax attention (= --softmax-quantizer dfq)")
@@ -311,7 +329,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 RECON_FLAGS = ("iters", "optim_size", "rank", "alpha", "lowrank_form", "snapshot_schedule", "renormalize",
                "temperature", "input_mode", "drop_prob", "weight_lr", "act_lr", "round_lambda", "autocast",
-               "cache_on_disk")
+               "cache_on_disk", "global_weight", "global_every")
+# --refine-X sets refine field X
+REFINE_FLAGS = ("iters", "optim_size", "rounding", "act_lr", "temperature", "drop_prob", "learn_biases")
 AIQ_FLAGS = ("lrc", "lrc_mode", "rank_policy", "fixed_rank", "search_iters", "curriculum")
 
 
@@ -339,6 +359,7 @@ def recipe_from_args(args: argparse.Namespace):
     if args.recon_batch_size is not None:
         recon["batch_size"] = args.recon_batch_size
     aiq = {k: getattr(args, k) for k in AIQ_FLAGS if getattr(args, k) is not None}
+    refine = {k: getattr(args, f"refine_{k}") for k in REFINE_FLAGS if getattr(args, f"refine_{k}") is not None}
     calibration = {k: getattr(args, k) for k in ("eq_n", "search_rounds") if getattr(args, k) is not None}
     for flag in ("tokens", "samples", "elements"):
         value = getattr(args, f"search_{flag}")
@@ -348,7 +369,7 @@ def recipe_from_args(args: argparse.Namespace):
                       softmax_options=options, head_w_bits=args.head_bits, head_a_bits=args.head_bits,
                       patch_embed_w_bits=args.patch_embed_bits, calib_size=args.calib_size, seed=args.seed,
                       calibration=calibration or None, reconstruction=recon or None, aiq=aiq or None,
-                      target=args.target)
+                      refine=refine or None, target=args.target)
 
 
 # below this many iterations per block a run takes minutes: no estimate (measuring its floors costs seconds)
@@ -414,6 +435,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report["calibration"] = result.calibration
     if result.reconstruction is not None:
         report["reconstruction_blocks"] = result.reconstruction["blocks"]
+    if result.refinement is not None:
+        report["refinement"] = result.refinement
     with stage(stages, "eval_quant", device):
         qres = _eval_model(model, spec, args.limit, args.seed, args.batch_size, args.workers, device, progress,
                            "quantized eval")

@@ -178,6 +178,27 @@ def all_sum_(tensors: list[torch.Tensor], what: str = "a sum") -> None:
         offset += n
 
 
+def batch_slice(total: int) -> tuple[int, int, float]:
+    """(start, stop, share) of a global batch of ``total`` samples that this rank computes.
+
+    Every rank draws the same global batch and runs its slice; a loss that is the slice's mean
+    times ``share`` makes the ranks' gradients sum to the global batch's (one process: all of it, 1.0).
+    """
+    d = _ACTIVE
+    start, stop = d.span(total) if d is not None else (0, total)
+    return start, stop, (stop - start) / total
+
+
+def sum_grads_(params: list[torch.Tensor], what: str = "a sum") -> None:
+    """Sum the gradients of ``params`` over the ranks in place (a missing gradient counts as 0)."""
+    if _ACTIVE is None:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_sum_([p.grad for p in params], what)
+
+
 def sum_floats(values: list[float], what: str = "a sum") -> list[float]:
     """Python floats summed over the ranks (float64)."""
     if _ACTIVE is None:

@@ -18,6 +18,10 @@ preset         what it is
 ``fimaq-lowrank``  the same with the official code's ``fisher_lr`` (rank-one terms, no inverse)
 ``fimaq-dplr-lowrank``  the same with DPLR's rank-k term alone (``G^T (D D^T)^-1 G``), no diagonal
 ``fimaq``      FIMA-Q: the diagonal-plus-low-rank (DPLR) Fisher loss (the paper's method)
+``fimaq+global``  FIMA-Q plus a GLF-Q-style global term: the block output through the float rest of
+               the network, matched at the penultimate feature (every 4th iteration)
+``fimaq+refine``  FIMA-Q, then end-to-end refinement: all activation scales together on the KL to the
+               float logits, the learned rounding kept (``refine.rounding="soft"`` learns it too)
 ``fimaq+dfq``  FIMA-Q with AIQViT's dynamic focusing quantizer (learned [b1, b2]) on post-softmax attention
 ``aiqvit``     AIQViT on its own base: RepQ-ViT calibration, MSE reconstruction without AdaRound,
                DFQ, low-rank compensation with searched ranks, curriculum (aiqvit.md §1.2)
@@ -40,6 +44,7 @@ dicts of their fields (or whole config objects)::
     get_recipe("fimaq+dfq", softmax_options={"granularity": "head"})
     get_recipe("aiqvit", softmax_quantizer="uniform", aiq={"curriculum": False})
     get_recipe("fimaq", w_bits=8, a_bits=8, target="ort-int8")
+    get_recipe("mse", refine={"iters": 400, "rounding": "soft"})  # calibration, then end-to-end refinement
 """
 
 from __future__ import annotations
@@ -55,9 +60,10 @@ from .errors import VitqError
 from .methods.aiqvit import AIQConfig
 from .quantizers import validate_bits
 from .reconstruction import ReconConfig
+from .reconstruction.refine import RefineConfig
 
 # nested configs: the Recipe field and its dataclass
-_NESTED = {"calibration": CalibConfig, "reconstruction": ReconConfig, "aiq": AIQConfig}
+_NESTED = {"calibration": CalibConfig, "reconstruction": ReconConfig, "aiq": AIQConfig, "refine": RefineConfig}
 
 # Where the model will run. "simulated": any quantizer vitq has (exported as --profile exact);
 # "ort-int8": onnxruntime's integer kernels (per-tensor uniform activations with zero points inside
@@ -108,6 +114,7 @@ class Recipe:
     calibration: CalibConfig = field(default_factory=CalibConfig)
     reconstruction: ReconConfig | None = None
     aiq: AIQConfig | None = None
+    refine: RefineConfig | None = None   # end-to-end refinement after reconstruction (or calibration)
     target: str = "simulated"
 
     def __post_init__(self) -> None:
@@ -150,6 +157,11 @@ PRESETS: dict[str, Recipe] = {
     "fimaq-dplr-lowrank": Recipe(name="fimaq-dplr-lowrank", reconstruction=ReconConfig(loss="fimaq_dplr_lowrank")),
     "fimaq": Recipe(name="fimaq", reconstruction=ReconConfig(loss="fimaq_dplr")),
     "fimaq+dfq": Recipe(name="fimaq+dfq", softmax_quantizer="dfq", reconstruction=ReconConfig(loss="fimaq_dplr")),
+    # beyond FIMA-Q (issue 15, benchmarks/beyond.md): a GLF-Q-style global term in every block's
+    # loss; an end-to-end refinement stage after the blocks
+    "fimaq+global": Recipe(name="fimaq+global", reconstruction=ReconConfig(loss="fimaq_dplr", global_weight=1.0,
+                                                                         global_every=4)),
+    "fimaq+refine": Recipe(name="fimaq+refine", reconstruction=ReconConfig(loss="fimaq_dplr"), refine=RefineConfig()),
     # AIQViT on its own base (aiqvit.md §1.2): RepQ-ViT quantizers, block reconstruction with the MSE
     # loss on the quantized-prefix input, weights frozen (no AdaRound) and corrected only through
     # the low-rank factors, DFQ on post-softmax attention, searched ranks, curriculum.
@@ -218,8 +230,8 @@ def _replace_nested(recipe: Recipe, name: str, value: Any) -> Any:
         raise VitqError(f"{name} must be a {cls.__name__}, a dict of its fields or None, got {type(value).__name__}")
     current = getattr(recipe, name)
     if current is None:
-        if name == "calibration":
-            current = CalibConfig()
+        if name in ("calibration", "refine"):  # a stage any recipe can have
+            current = cls()
         else:
             raise VitqError(f"recipe {recipe.name!r} has no {name} stage, so {', '.join(value)} cannot be set: "
                             f"use one of {_with_stage(name, recipe)}")
@@ -234,7 +246,8 @@ def get_recipe(recipe: str | Recipe, **overrides: Any) -> Recipe:
     """A copy of a preset (or of ``recipe``) with ``overrides`` applied (``dataclasses.replace``).
 
     Top-level :class:`Recipe` fields by name (``w_bits=3``); nested configs (``calibration``,
-    ``reconstruction``, ``aiq``) as a dict of the fields to change or a whole config object.
+    ``reconstruction``, ``aiq``, ``refine``) as a dict of the fields to change or a whole config
+    object (``calibration`` and ``refine`` may be added to any recipe, e.g. ``refine={"iters": 200}``).
     ``None`` values are ignored so CLI defaults pass through; to drop a stage, use
     ``dataclasses.replace(recipe, aiq=None)``. The preset is never mutated.
     """

@@ -65,6 +65,9 @@ class AdaRoundQuantizer(Quantizer):
         """Use the hard rounding from now on."""
         self.soft = False
 
+    def set_soft_rounding(self, soft: bool) -> None:
+        self.soft = bool(soft)
+
     def freeze_(self) -> None:
         """End of reconstruction: the hard rounding from now on, nothing trainable."""
         super().freeze_()

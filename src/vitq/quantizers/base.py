@@ -169,6 +169,10 @@ class Quantizer(nn.Module):
         """The rounding regulariser of a learned-rounding quantizer (None for the others)."""
         return None
 
+    def set_soft_rounding(self, soft: bool) -> None:
+        """A learned-rounding quantizer: soft (rectified-sigmoid, learning) or hard rounding from now
+        on, e.g. to learn a frozen rounding further; a no-op for the others."""
+
     def fold_into(self, weight: torch.Tensor) -> tuple[torch.Tensor, "Quantizer"] | None:
         """For a learned-rounding quantizer: (the final weight, the plain quantizer to keep)."""
         return None

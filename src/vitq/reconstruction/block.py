@@ -19,15 +19,20 @@ from ..qmodules import QuantMode, set_mode
 from .capture import batched, keep_cache
 from .config import FISHER_LOSSES, ReconConfig, snapshot_iterations
 from .extension import BlockContext, BlockExtension
+from .global_loss import penultimate_after
+from .optim import QuantizerOptimiser
 from .fisher import FisherState, fisher_terms, per_sample_grads, refresh_snapshots
 from .rounding import activation_quantizers, block_quant_modules, install_learned_rounding
 
 
 def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor,
                       targets: torch.Tensor | None, cfg: ReconConfig, device: torch.device, gen: torch.Generator,
-                      progress: bool = True, desc: str = "", extension: BlockExtension | None = None
-                      ) -> dict[str, Any]:
+                      progress: bool = True, desc: str = "", extension: BlockExtension | None = None,
+                      features: torch.Tensor | None = None) -> dict[str, Any]:
     """Optimise one block (rounding variables and activation-quantizer parameters); returns its summary.
+
+    ``features``: the float model's penultimate features of the optimisation images, for the
+    global term (``cfg.global_weight`` > 0; not for the head block, whose loss is already global).
 
     On return the block's weight quantizers hold their final (hard) learned rounding and every
     quantizer of the block is frozen in eval mode.
@@ -39,6 +44,11 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
     y_fp = keep_cache(sharded_map(block, x_fp, cfg.capture_batch_size, device, store), cfg.cache_on_disk)
     amp = cfg.autocast_context(device)
     fisher = (cfg.loss in FISHER_LOSSES) and not is_head
+    use_global = cfg.global_weight > 0 and not is_head
+    if use_global and features is None:
+        raise ValueError("the global term needs the float model's penultimate features")
+    ref_global: float | None = None
+    global_v = 0.0
     per_sample = None
     fallback = None
     if cfg.loss == "brecq" and not is_head:
@@ -79,14 +89,11 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
     ctx = BlockContext(model, name, block, x_fp, x_q, y_fp, cfg, device, gen)
     ext_groups = ext.begin_block(ctx)
     # rounding variables: plain Adam; quantizer parameters (and an extension's): cosine-annealed Adam
-    opt_w = torch.optim.Adam(rounding, lr=cfg.learning_rate("rounding")) if rounding else None
     groups = [{"params": params, "lr": cfg.learning_rate(group)} for group, params in learned.items()] + ext_groups
-    opt_a = torch.optim.Adam(groups) if groups else None
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=cfg.iters, eta_min=0.0) if opt_a else None
+    optimiser = QuantizerOptimiser(rounding, cfg.learning_rate("rounding"), groups, cfg.iters, act_qs,
+                                   f"the reconstruction of {name}")
 
     n = len(x_fp)
-    train_params = rounding + [p for params in learned.values() for p in params] + \
-        [p for g in ext_groups for p in g["params"]]
     dist = distributed.current()
     world = distributed.world_size()
     snaps = set(snapshot_iterations(cfg.iters, cfg.rank, cfg.snapshot_schedule)) if fisher else set()
@@ -96,6 +103,8 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
     ref_rec: float | None = None
     rec_v = round_v = 0.0
     history: dict[str, list[float]] = {"iteration": [], "rec": [], "round": []}
+    if use_global:
+        history["global"] = []
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.iters), desc=desc or name, unit="it", disable=not progress, leave=False)
     for it in bar:
@@ -108,8 +117,7 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
         # distributed: every rank draws the same global batch and runs its slice; its loss is the
         # slice's mean weighted by its share, so the ranks' gradients sum to the global batch's
         total = len(idx)
-        start, stop = dist.span(total) if dist is not None else (0, total)
-        share = (stop - start) / total
+        start, stop, share = distributed.batch_slice(total)
         if dist is not None:
             xb, yb, idx = xb[start:stop], yb[start:stop], idx[start:stop]
         with distributed.sharded_draws(start, stop, total), amp:
@@ -132,42 +140,39 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
             if ref_rec is None:
                 ref_rec = distributed.sum_floats([share * float(rec.detach())])[0]
             rec = normalised(rec, ref_rec)
+        objective = rec
+        if use_global and it % cfg.global_every == 0:
+            with amp:
+                feat = penultimate_after(model, name, out)
+            glob = lp_loss(feat.float(), features[idx].to(device))
+            if ref_global is None:
+                ref_global = distributed.sum_floats([share * float(glob.detach())])[0]
+            glob = normalised(glob, ref_global)
+            objective = rec + cfg.global_weight * glob
         if it < warm or not installed:
             reg = torch.zeros((), device=device)
         else:
             beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - (it - warm) / max(1, cfg.iters - warm))
             reg = cfg.round_lambda * sum(q.round_loss(beta) for q in installed)
-        loss = share * rec + reg / world  # one process: share 1, world 1, exactly rec + reg
-        if opt_w:
-            opt_w.zero_grad(set_to_none=True)
-        if opt_a:
-            opt_a.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
-        if dist is not None:
-            for p in train_params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            distributed.all_sum_([p.grad for p in train_params], f"the reconstruction of {name}")
-        if opt_w:
-            opt_w.step()
-        if opt_a:
-            opt_a.step()
-            sched.step()
-            for q in act_qs:
-                q.project_()  # back into the valid range (a scale through zero would flip the grid)
+        loss = share * objective + reg / world  # one process: share 1, world 1, exactly objective + reg
+        optimiser.step(loss)
         # the losses are read (a host sync on a GPU) and checked only every log_every iterations;
         # a NaN stays NaN through Adam, so it is still caught within log_every iterations
         if it % cfg.log_every == 0 or it == cfg.iters - 1:
             rec_v, round_v = float(rec.detach()), float(reg.detach())
+            if use_global and it % cfg.global_every == 0:
+                global_v = float(glob.detach())
             if dist is not None:
-                rec_v = distributed.sum_floats([share * rec_v], f"the reconstruction of {name}")[0]
+                rec_v, global_v = distributed.sum_floats([share * rec_v, share * global_v],
+                                                         f"the reconstruction of {name}")
             if not math.isfinite(rec_v + round_v):
                 raise VitqError(f"the reconstruction loss of {name} became NaN/Inf by iteration {it}: "
                                 "lower --act-lr / --weight-lr or check the calibration")
             history["iteration"].append(it)
             history["rec"].append(rec_v)
             history["round"].append(round_v)
+            if use_global:
+                history["global"].append(global_v)
         if it % 50 == 0 or it == cfg.iters - 1:
             bar.set_postfix(rec=f"{rec_v:.4f}", round=f"{round_v:.1f}")
     bar.close()
@@ -183,7 +188,8 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
             m.mode = QuantMode.QUANT
         final = float(lp_loss(batched(block, x_fp[:256], cfg.capture_batch_size, device, store), y_fp[:256]))
     return {"block": name, "seconds": round(time.perf_counter() - t0, 3), "final_rec_loss": rec_v,
-            "final_round_loss": round_v, "output_mse_fp_input": final, "output_mse_calibrated": before,
+            "final_round_loss": round_v,
+            "final_global_loss": global_v if use_global else None, "output_mse_fp_input": final, "output_mse_calibrated": before,
             "history": history, "snapshots": len(state.G),
             "gram_condition": state.conds, "fallback": fallback, "adaround_layers": len(installed),
             **ext.end_block(ctx)}

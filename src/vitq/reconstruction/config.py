@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,12 @@ class ReconConfig:
     autocast: str | None = None       # None (float32) | bf16 | fp16 (CUDA): the block's forward/backward
     capture_batch_size: int = 64      # batch for caching inputs and for snapshots
     log_every: int = 10               # loss terms kept in the block summary every N iterations
+    # GLF-Q-style global term: the block's quantized output through the frozen float rest of the
+    # network, matched (MSE) at the penultimate feature (the classifier's input), normalised like
+    # the local loss and weighted; 0 turns it off. It costs the rest of the network's forward and
+    # backward, so global_every > 1 adds it on every N-th iteration only.
+    global_weight: float = 0.0
+    global_every: int = 1
 
     def __post_init__(self) -> None:
         checks = [("loss", self.loss, LOSSES), ("input_mode", self.input_mode, INPUT_MODES),
@@ -72,8 +79,12 @@ class ReconConfig:
         for field, value, choices in checks:
             if value not in choices:
                 raise VitqError(f"{field} must be one of {', '.join(map(str, choices))}, got {value!r}")
-        if min(self.iters, self.batch_size, self.optim_size, self.capture_batch_size, self.log_every) <= 0:
-            raise VitqError("iters, batch_size, optim_size, capture_batch_size and log_every must be positive")
+        if min(self.iters, self.batch_size, self.optim_size, self.capture_batch_size, self.log_every,
+               self.global_every) <= 0:
+            raise VitqError("iters, batch_size, optim_size, capture_batch_size, log_every and global_every "
+                            "must be positive")
+        if not (self.global_weight >= 0.0 and math.isfinite(self.global_weight)):
+            raise VitqError(f"global_weight must be a finite number >= 0, got {self.global_weight}")
         if self.rank < 1:
             raise VitqError(f"rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.drop_prob <= 1.0:

@@ -22,6 +22,7 @@ from .block import reconstruct_block
 from .capture import capture_block_input, keep_cache
 from .config import FISHER_LOSSES, ReconConfig
 from .extension import BlockExtension
+from .global_loss import penultimate_features
 from .rounding import block_quant_modules, fold_learned_rounding, install_learned_rounding
 
 
@@ -64,7 +65,7 @@ def block_seed(seed: int, index: int) -> int:
 def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device: torch.device | str = "cpu",
                 seed: int = 0, progress: bool = True, work_dir: str | Path | None = None,
                 run_settings: dict[str, Any] | None = None, extension: BlockExtension | None = None,
-                restart: bool = False) -> dict[str, Any]:
+                restart: bool = False, fold: bool = True) -> dict[str, Any]:
     """Reconstruct every block of a calibrated model in order; returns the per-block report.
 
     ``images``: the preprocessed optimisation images. With ``work_dir``, the state after each
@@ -72,6 +73,8 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
     package versions resumes after the last finished block; anything else is refused with one
     line (``restart=True`` discards the old checkpoint instead). ``run_settings`` is what, beside
     ``cfg`` and ``seed``, identifies the run (the recipe). The global torch RNG is left as it was.
+    With ``fold=False`` the final learned rounding stays installed (hard) instead of being folded
+    into the weights, for a later stage that learns it further (``vitq.reconstruction.refine``).
     """
     device = torch.device(device)
     store = device if cfg.keep_on_device and not cfg.cache_on_disk else torch.device("cpu")
@@ -97,6 +100,10 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
         set_mode(model, QuantMode.FLOAT)
         targets = torch.softmax(sharded_map(model, images, cfg.capture_batch_size, device, store) / cfg.temperature,
                                 -1)
+    features = None
+    if cfg.global_weight > 0:
+        set_mode(model, QuantMode.FLOAT)
+        features = penultimate_features(model, images, cfg.capture_batch_size, device, store)
     finished = {d["block"] for d in done}
     todo = [name for name in names if name not in finished]
     t_start = time.perf_counter()
@@ -121,7 +128,8 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
             x_q = x_fp if index == 0 else keep_cache(
                 capture_block_input(model, name, block, images, cfg.capture_batch_size, device, store), cfg.cache_on_disk)
             summary = reconstruct_block(model, name, block, x_fp, x_q, targets, cfg, device, gen, progress,
-                                        desc=f"block {index + 1}/{len(blocks)} {name}{eta}", extension=extension)
+                                        desc=f"block {index + 1}/{len(blocks)} {name}{eta}", extension=extension,
+                                        features=features)
             summary["seconds"] = round(time.perf_counter() - t0, 3)
             del x_fp, x_q
         summary.update(mem.summary())
@@ -132,6 +140,7 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
             tqdm.write(f"  {name}: {summary['seconds']:.1f}s, rec loss {summary['final_rec_loss']:.4f}, "
                        f"output MSE {summary['output_mse_calibrated']:.5f} -> {summary['output_mse_fp_input']:.5f}")
     final = extension.finalize(model) if extension is not None else {}
-    fold_learned_rounding(model)
+    if fold:
+        fold_learned_rounding(model)
     set_mode(model, QuantMode.QUANT)
     return {"blocks": done, "seconds": round(sum(d["seconds"] for d in done), 3), **final}

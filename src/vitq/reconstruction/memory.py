@@ -53,14 +53,17 @@ class MemoryEstimate:
         return f"about {self.total_bytes / 2**30:.2f} GiB per rank (largest block {self.largest_block})"
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd saves while ``fn()`` runs (its activations)."""
+def _saved_bytes(fn, model: nn.Module) -> int:
+    """Bytes of the distinct tensors autograd saves while ``fn()`` runs: its activations, not the
+    parameters and buffers of ``model`` it keeps references to (those do not grow with the batch)."""
     seen: dict[tuple[int, int], int] = {}
+    held = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if t.numel():
             storage = t.untyped_storage()
-            seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+            if storage.data_ptr() not in held:
+                seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -78,66 +81,106 @@ def _quick_calibrated(model: nn.Module, image_shape: tuple[int, ...]) -> nn.Modu
                          process_group=False)
 
 
-def reconstruction_memory(model: nn.Module, cfg: ReconConfig, image_shape: tuple[int, ...] = (3, 224, 224),
-                          world_size: int = 1, num_classes: int | None = None,
-                          cache: str = "memory") -> MemoryEstimate:
-    """Predict one rank's peak memory for reconstructing ``model`` (a float model) with ``cfg``.
+@dataclass
+class BlockFootprint:
+    """What one block holds, measured at batch 1 (elements and bytes per sample)."""
 
-    ``cache``: ``memory`` (device or host: counted) or ``disk`` (memory-mapped files: not counted).
-    """
-    n = cfg.optim_size
+    name: str
+    in_elements: int
+    out_elements: int
+    step_bytes_per_sample: int       # autograd's saved tensors of one optimisation step
+    snapshot_bytes_per_sample: int   # saved tensors of a snapshot pass through the rest (0 for the head)
+    weights: int
+
+
+@dataclass
+class ModelFootprint:
+    """The measured side of the formula: one pass over the blocks, reused for every setting."""
+
+    model_bytes: int
+    classes: int
+    blocks: list[BlockFootprint]
+    adaround: bool
+    drop_prob: float
+
+
+def measure_footprint(model: nn.Module, image_shape: tuple[int, ...] = (3, 224, 224), adaround: bool = True,
+                      drop_prob: float = 0.5, num_classes: int | None = None) -> ModelFootprint:
+    """Measure every block of ``model`` (a float model) at batch 1 on a quickly calibrated copy."""
     quant = _quick_calibrated(model, image_shape)
+    for p in quant.parameters():  # frozen, as during reconstruction: no weight gradients are kept
+        p.requires_grad_(False)
     set_mode(quant, QuantMode.FLOAT)
     one = torch.randn((1, *image_shape), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = quant(one)
-    classes = num_classes or logits.shape[-1]
     model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    fisher = cfg.loss in FISHER_LOSSES
-    targets = 2 * n * classes * BYTES if (fisher or cfg.loss == "brecq") else 0
-    est = MemoryEstimate(0, {"model": model_bytes, "targets": targets})
-    best = -1
-    blocks = reconstruction_blocks(quant)
-    for index, (name, block) in enumerate(blocks):
+    blocks = []
+    for name, block in reconstruction_blocks(quant):
         set_mode(quant, QuantMode.FLOAT)
         x = capture_block_input(quant, name, block, one, 1, torch.device("cpu"), torch.device("cpu"))
         with torch.no_grad():
             y = block(x)
-        in_el, out_el = x[0].numel(), y[0].numel()
-        caches = n * ((1 if index == 0 else 2) * in_el + out_el) * BYTES if cache == "memory" else 0
-        capture = int(n * in_el * BYTES * (2 + (3 / world_size if world_size > 1 else 0)))
         # one optimisation step at batch 1 on the quantized block: learned rounding, trainable scales
         for m in block_quant_modules(block):
             m.mode = QuantMode.QUANT
-        installed = install_learned_rounding(block) if cfg.adaround else []
+        installed = install_learned_rounding(block) if adaround else []
         for q in activation_quantizers(block):
             q.train()
-            q.set_qdrop(cfg.drop_prob)
+            q.set_qdrop(drop_prob)
             for params in q.trainable_parameters().values():
                 for p in params:
                     p.requires_grad_(True)
         for q in installed:
             for p in q.trainable_parameters().get("rounding", []):
                 p.requires_grad_(True)
-        step = _saved_bytes(lambda: block(x.detach().requires_grad_(True)).float().pow(2).mean())
-        step = step * cfg.batch_size + 2 * cfg.batch_size * out_el * BYTES  # + the output and its gradient
+        step = _saved_bytes(lambda: block(x.detach()).float().pow(2).mean(), quant)  # a cached input: no grad
         for q in activation_quantizers(block):
             q.eval()
             q.set_qdrop(1.0)
         set_mode(quant, QuantMode.FLOAT)
         snapshot = 0
-        if fisher and not is_head_block(quant, name):
+        if not is_head_block(quant, name):
             out = y.detach().requires_grad_(True)
-            snapshot = _saved_bytes(lambda: forward_after(quant, name, out)) * cfg.capture_batch_size
+            snapshot = _saved_bytes(lambda: forward_after(quant, name, out), quant)
         weights = sum(m.weight.numel() for m in block_quant_modules(block) if getattr(m, "weight", None) is not None)
-        rounding = 4 * weights * BYTES if cfg.adaround else 0
+        blocks.append(BlockFootprint(name, x[0].numel(), y[0].numel(), step, snapshot, weights))
+    return ModelFootprint(model_bytes, num_classes or logits.shape[-1], blocks, adaround, drop_prob)
+
+
+def reconstruction_memory(model: nn.Module | None, cfg: ReconConfig, image_shape: tuple[int, ...] = (3, 224, 224),
+                          world_size: int = 1, num_classes: int | None = None,
+                          cache: str = "memory", footprint: ModelFootprint | None = None) -> MemoryEstimate:
+    """Predict one rank's peak memory for reconstructing ``model`` (a float model) with ``cfg``.
+
+    ``cache``: ``memory`` (device or host: counted) or ``disk`` (memory-mapped files: not counted).
+    ``footprint``: a :func:`measure_footprint` of the model (then ``model`` may be None), so that
+    several settings cost one measurement.
+    """
+    if footprint is None or footprint.adaround != cfg.adaround or footprint.drop_prob != cfg.drop_prob:
+        if model is None:
+            raise ValueError("a footprint measured with this adaround / drop_prob, or the model to measure")
+        footprint = measure_footprint(model, image_shape, cfg.adaround, cfg.drop_prob, num_classes)
+    n = cfg.optim_size
+    classes = num_classes or footprint.classes
+    fisher = cfg.loss in FISHER_LOSSES
+    targets = 2 * n * classes * BYTES if (fisher or cfg.loss == "brecq") else 0
+    est = MemoryEstimate(0, {"model": footprint.model_bytes, "targets": targets})
+    best = -1
+    for index, b in enumerate(footprint.blocks):
+        in_el, out_el = b.in_elements, b.out_elements
+        caches = n * ((1 if index == 0 else 2) * in_el + out_el) * BYTES if cache == "memory" else 0
+        capture = int(n * in_el * BYTES * (2 + (3 / world_size if world_size > 1 else 0)))
+        step = b.step_bytes_per_sample * cfg.batch_size + 2 * cfg.batch_size * out_el * BYTES  # + output, its grad
+        snapshot = b.snapshot_bytes_per_sample * cfg.capture_batch_size if fisher else 0
+        rounding = 4 * b.weights * BYTES if cfg.adaround else 0
         extra = (3 * cfg.rank * out_el * BYTES if fisher else 0) + (n * out_el * BYTES if cfg.loss == "brecq" else 0)
         parts = {"caches": caches, "moment": max(capture, step, snapshot), "rounding": rounding + extra,
                  "capture": capture, "step": step, "snapshot": snapshot}
-        est.per_block[name] = parts
+        est.per_block[b.name] = parts
         size = parts["caches"] + parts["moment"] + parts["rounding"]
         if size > best:
-            best, est.largest_block = size, name
+            best, est.largest_block = size, b.name
             est.parts.update({k: parts[k] for k in ("caches", "moment", "rounding")})
     est.total_bytes = int(sum(est.parts[k] for k in ("model", "targets", "caches", "moment", "rounding")))
     return est
@@ -151,4 +194,5 @@ def summary(est: MemoryEstimate) -> dict[str, Any]:
             "per_block_mib": {b: {k: round(v / mib, 1) for k, v in p.items()} for b, p in est.per_block.items()}}
 
 
-__all__ = ["MemoryEstimate", "reconstruction_memory", "summary"]
+__all__ = ["BlockFootprint", "MemoryEstimate", "ModelFootprint", "measure_footprint", "reconstruction_memory",
+           "summary"]
