@@ -47,16 +47,18 @@ EVAL_BATCH = 100
 HELDOUT = 5000
 SEEDS = (0, 1, 2)
 MODELS = ("cifar10_vit", "cifar10_swin")
-# the setting the tune group chose on the held-out images (see beyond.md, "How it was chosen")
-CHOSEN = dict(recipe="fimaq-diag", iters=250, refine=200, rrounding="hard")
+# The setting the tune group chooses on the held-out images; NOT CHOSEN YET (the tune group is
+# still running): the main group must not run before this is set from the tune rows.
+CHOSEN = dict(recipe="fimaq-diag", iters=250, refine=200, rrounding="soft")
 # The mse calibration search scores its candidates on a subsample (16 images / 2,048 rows), as every
 # reconstruction row of benchmarks/fimaq.md did: a reconstruction stage follows and fixes what the
 # full search would add, and the full search alone costs ~480 s here (benchmarks/calibration.md)
 CALIB_SEARCH = {"max_search_tokens": 2048, "max_search_samples": 16, "max_search_elements": None}
 # cell fields beyond (model, recipe, bits, seed, iters) and their defaults: off
-EXTRA = {"glob": 0.0, "gevery": 1, "refine": 0, "rrounding": "hard", "rdrop": 1.0, "ract_lr": 4e-5, "rbias": False}
+EXTRA = {"glob": 0.0, "gevery": 1, "refine": 0, "rrounding": "hard", "rdrop": 1.0, "ract_lr": 4e-5, "rbias": False,
+         "rtemp": 1.0}
 LABELS = {"glob": "g", "gevery": "ge", "refine": "r", "rrounding": "", "rdrop": "rd", "ract_lr": "rlr",
-          "rbias": "rb"}
+          "rbias": "rb", "rtemp": "rt"}
 
 
 def heldout_indices(n_train: int, optim_size: int) -> np.ndarray:
@@ -79,6 +81,8 @@ def cells(groups: list[str]) -> list[dict]:
     out = []
     vit = "cifar10_vit"
     if "tune" in groups:
+        # cells that share the fimaq-diag 250-iteration block stage first (each costs its refinement),
+        # then those with block stages of their own
         base = dict(recipe="fimaq-diag", bits=3, seed=0, iters=250)
         out += [cell("tune", vit, **base),
                 cell("tune", vit, **base, refine=200),
@@ -86,11 +90,15 @@ def cells(groups: list[str]) -> list[dict]:
                 cell("tune", vit, **base, glob=1.0, gevery=4),
                 cell("tune", vit, **base, refine=200, rdrop=0.5),
                 cell("tune", vit, **base, refine=200, ract_lr=2e-4),
-                cell("tune", vit, recipe="qdrop", bits=3, seed=0, iters=250, refine=200),
+                # after the first rows (refinement at T = 1 raised the held-out KL; the global term at
+                # weight 1 every 4th iteration did not help): a softer teacher, learned biases
+                cell("tune", vit, **base, refine=200, rrounding="soft", rtemp=4.0),
+                cell("tune", vit, **base, refine=200, rbias=True),
                 cell("tune", vit, recipe="mse", bits=3, seed=0, iters=0, refine=400, rrounding="soft"),
                 cell("tune", vit, **base, glob=1.0, gevery=4, refine=200),
-                cell("tune", vit, **{**base, "iters": 500}, refine=200),
-                cell("tune", vit, **base, refine=200, rbias=True)]
+                cell("tune", vit, **base, glob=0.3),
+                cell("tune", vit, recipe="qdrop", bits=3, seed=0, iters=250, refine=200),
+                cell("tune", vit, **{**base, "iters": 500}, refine=200)]
     if "main" in groups:
         for model in MODELS:
             for bits in (3, 4):
@@ -123,7 +131,7 @@ def recipe_of(c: dict):
     if e["refine"]:
         recipe = vitq.get_recipe(recipe, refine={"iters": e["refine"], "rounding": e["rrounding"],
                                                  "drop_prob": e["rdrop"], "act_lr": e["ract_lr"],
-                                                 "learn_biases": e["rbias"]})
+                                                 "learn_biases": e["rbias"], "temperature": e["rtemp"]})
     return recipe
 
 
