@@ -71,6 +71,8 @@ def test_bad_global_and_refine_options():
         vitq.get_recipe("qdrop", reconstruction={"global_every": 0})
     with pytest.raises(vitq.VitqError, match="refine rounding"):
         RefineConfig(rounding="round")
+    with pytest.raises(vitq.VitqError, match="must be positive"):
+        RefineConfig(optim_size=0)
     with pytest.raises(vitq.VitqError, match="unknown refine option"):
         vitq.get_recipe("mse", refine={"steps": 3})
     # any recipe can take the stage, and the presets carry it

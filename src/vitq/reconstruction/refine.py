@@ -52,7 +52,7 @@ class RefineConfig:
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDING:
             raise VitqError(f"refine rounding must be one of {', '.join(ROUNDING)}, got {self.rounding!r}")
-        if min(self.iters, self.batch_size, self.optim_size or 1, self.log_every) <= 0:
+        if min(self.iters, self.batch_size, 1 if self.optim_size is None else self.optim_size, self.log_every) <= 0:
             raise VitqError("refine iters, batch_size, optim_size and log_every must be positive")
         if not 0.0 <= self.drop_prob <= 1.0:
             raise VitqError(f"refine drop_prob must be in [0, 1], got {self.drop_prob}")
@@ -122,14 +122,15 @@ def refine_end_to_end(model: nn.Module, images: torch.Tensor, teacher: torch.Ten
         groups.append({"params": biases, "lr": cfg.bias_lr})
     optimiser = QuantizerOptimiser(rounding, cfg.weight_lr, groups, cfg.iters, act_qs, "the end-to-end refinement")
 
-    gen = torch.Generator().manual_seed(seed * 100003 + 99991)  # apart from every block's seed
+    stage_seed = seed * 100003 + 99991  # apart from every block's seed (engine.block_seed)
+    gen = torch.Generator().manual_seed(stage_seed)
     n = len(images)
     ref: float | None = None
     kl_v = round_v = 0.0
     history: dict[str, list[float]] = {"iteration": [], "kl": [], "round": []}
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed * 100003 + 99991)  # QDrop draws
+        torch.manual_seed(stage_seed)  # QDrop draws
         bar = tqdm(range(cfg.iters), desc="refine end to end", unit="it", disable=not progress, leave=False)
         for it in bar:
             idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
