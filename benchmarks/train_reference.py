@@ -7,7 +7,8 @@ Two stages, both resumable from per-epoch checkpoints in ``--work``:
    box (93.4% on the originals), so a short fine-tune buys back most of the gap.
 2. Train the timm ViT / Swin (``--model``) from scratch with knowledge distillation from that teacher
    (soft targets, as in DeiT's CNN-teacher recipe), label smoothing, crop+flip
-   augmentation, AdamW with warm-up and cosine decay, bf16 autocast on CPU.
+   augmentation, AdamW with warm-up and cosine decay, bf16 autocast on CPUs with native bf16
+   (``--precision auto``; on an AVX2-only CPU bf16 runs ~10x slower than fp32, so fp32 there).
 
 Reproduce: the commands that produced the shipped checkpoints are the first lines of
 benchmarks/train_reference.md (cifar10_vit) and benchmarks/train_reference_swin.md (cifar10_swin).
@@ -116,12 +117,28 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
+_AUTOCAST_BF16 = True  # set by main() from --precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (without them bf16 matmuls are emulated, ~10x slower)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=_AUTOCAST_BF16)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mean, std, batch: int = 500) -> float:
     model.eval()
     correct = 0
     for i in range(0, len(x), batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             logits = model(normalise(x[i:i + batch], mean, std))
         correct += (logits.argmax(1) == y[i:i + batch]).sum().item()
     return 100.0 * correct / len(x)
@@ -161,7 +178,7 @@ def run_epochs(name, model, opt, epochs, batch, base_lr, warmup_epochs, loss_fn,
                 g["lr"] = lr_at(step, total, warmup_epochs * steps_per_epoch, base_lr)
             idx = perm[it * batch:(it + 1) * batch]
             xb = augment(x_tr[idx], gen)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast():
                 loss = loss_fn(model, xb, y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -194,6 +211,8 @@ def main() -> None:
                     help="extra distillation epochs after the main schedule, cosine from --finetune-lr to 0")
     ap.add_argument("--finetune-lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="training/eval autocast: bf16 where the CPU has native bf16 (auto), or forced")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=None, help="model folder (default src/vitq/assets/<model>)")
     args = ap.parse_args()
@@ -202,6 +221,9 @@ def main() -> None:
     family, arch = REFERENCE_MODELS[args.model]
     if args.threads:
         torch.set_num_threads(args.threads)
+    global _AUTOCAST_BF16
+    _AUTOCAST_BF16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_native_bf16())
+    print(f"autocast: {'bf16' if _AUTOCAST_BF16 else 'fp32 (no native bf16 on this CPU)'}", flush=True)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -289,7 +311,7 @@ def main() -> None:
             "epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "batch_size": args.batch_size,
             "finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr,
             "lr": args.lr, "kd_alpha": a, "kd_temp": T, "seed": args.seed,
-            "teacher_top1_before": teacher_before, "teacher_top1_after": teacher_log[-1]["test_top1"] if teacher_log else None,
+            "teacher_top1_before": teacher_before, "precision": "bf16" if _AUTOCAST_BF16 else "fp32", "teacher_top1_after": teacher_log[-1]["test_top1"] if teacher_log else None,
         },
     }
     atomic_write_bytes(args.out / "config.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
@@ -303,7 +325,7 @@ def main() -> None:
           f"Teacher (ResNet-56) on the JPEG test set: {teacher_before:.2f}% before, "
           f"{meta['training']['teacher_top1_after']}% after {args.teacher_epochs} fine-tune epochs.\n\n"
           f"Student `{args.model}` ({arch}): final fp32 test top-1 **{fp32_top1:.2f}%** on 10,000 images.\n\n"
-          f"| epoch | train loss | test top-1 (bf16 eval) | seconds |\n|---|---|---|---|\n{rows}\n")
+          f"| epoch | train loss | test top-1 ({'bf16' if _AUTOCAST_BF16 else 'fp32'} eval) | seconds |\n|---|---|---|---|\n{rows}\n")
     atomic_write_bytes(bench / f"{stem}.md", lambda fh: fh.write(md.encode()))
 
 

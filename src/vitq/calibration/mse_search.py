@@ -133,7 +133,10 @@ def search_linear_mse(module: QuantLinear, x: torch.Tensor, cfg: CalibConfig, ge
         a_s, a_z = _tensor_candidates(xs, aq.bits, cfg.eq_n)
         aq.set_params(*_best_tensor_self(xs, a_s, a_z, aq.quant_range()[1]))
 
-    # 2) coordinate descent on the output MSE
+    # 2) coordinate descent on the output MSE. Each step depends only on the other quantizer's
+    # parameters, so a round whose weight step picks what the last one did is a fixed point: the
+    # remaining rounds would repeat it exactly, and are skipped.
+    last_rows: torch.Tensor | None = None
     for _ in range(cfg.search_rounds):
         if wq is not None and wq.granularity == "channel":
             # ||X w - X_hat w_hat||^2 = const - 2 w X^T X_hat w_hat + w_hat X_hat^T X_hat w_hat, per row.
@@ -148,8 +151,15 @@ def search_linear_mse(module: QuantLinear, x: torch.Tensor, cfg: CalibConfig, ge
                 return ((w_hat @ h1) * w_hat).sum(1) - 2 * (wh2 * w_hat).sum(1)
 
             best = split_candidates(w_s.shape[1], row_errors).argmin(0)
+            if last_rows is not None and torch.equal(best, last_rows):
+                break
+            last_rows = best
             rows = torch.arange(w2d.shape[0], device=w2d.device)
             wq.set_params(w_s[rows, best][:, None], w_z[rows, best][:, None])
+        elif last_rows is not None:  # no weight step: the activation step repeats itself
+            break
+        else:
+            last_rows = torch.empty(0)
         if aq is not None:
             w_hat = wq(w).reshape_as(w2d) if wq is not None else w2d
             best = int(_activation_output_errors(xs, w2d, w_hat, a_s, a_z, aq.quant_range()[1]).argmin())
@@ -210,7 +220,7 @@ def search_matmul_mse(module: QuantMatMul, a: torch.Tensor, b: torch.Tensor, cfg
         e = quantized("a") @ other if key == "a" else other @ quantized("b")
         return e.sub_(ref).pow_(2)
 
-    def sweep(key: str, which: tuple[int, ...]) -> None:
+    def sweep(key: str, which: tuple[int, ...]) -> bool:  # True when the choice moved
         q, t = ops[key]
         up, lo = bounds[key]
         red = [d for d in range(t.dim()) if q._stat_shape(t)[d] == 1] if q.granularity != "tensor" else None
@@ -229,18 +239,23 @@ def search_matmul_mse(module: QuantMatMul, a: torch.Tensor, b: torch.Tensor, cfg
 
         errs_t = split_candidates(cfg.eq_n, score)  # (eq_n, *stat)
         best = errs_t.argmin(0)
+        before = [c.clone() for c in choice[key]]
         for w in which:
             stacked = torch.stack([c[w] for c in cand])
             choice[key][w] = torch.gather(stacked, 0, best[None].expand_as(stacked[:1]).reshape(1, *best.shape))[0] \
                 if best.dim() else stacked[int(best)]
         _set_bounds(q, up, lo, choice[key])
+        return not all(torch.equal(a, b) for a, b in zip(before, choice[key]))
 
     for key in bounds:
         sweep(key, (0, 1))                      # paired candidates first
     for _ in range(cfg.search_rounds):
+        changed = False
         for key in bounds:
-            sweep(key, (1,))                    # fix the upper bound, search the lower
-            sweep(key, (0,))                    # then fix the lower, search the upper
+            changed |= sweep(key, (1,))         # fix the upper bound, search the lower
+            changed |= sweep(key, (0,))         # then fix the lower, search the upper
+        if not changed:  # a round that moved nothing is a fixed point: the next would repeat it
+            break
 
 
 def _set_bounds(q: UniformQuantizer, up: torch.Tensor, lo: torch.Tensor, idx: list[torch.Tensor]) -> None:
