@@ -135,10 +135,12 @@ def search_linear_mse(module: QuantLinear, x: torch.Tensor, cfg: CalibConfig, ge
 
     # 2) coordinate descent on the output MSE. Each step depends only on the other quantizer's
     # parameters, so a round whose weight step picks what the last one did is a fixed point: the
-    # remaining rounds would repeat it exactly, and are skipped.
+    # remaining rounds would repeat it exactly, and are skipped. Without a per-row weight step the
+    # activation step's input never changes: one round is the fixed point.
+    row_search = wq is not None and wq.granularity == "channel"
     last_rows: torch.Tensor | None = None
-    for _ in range(cfg.search_rounds):
-        if wq is not None and wq.granularity == "channel":
+    for _ in range(cfg.search_rounds if row_search else min(1, cfg.search_rounds)):
+        if row_search:
             # ||X w - X_hat w_hat||^2 = const - 2 w X^T X_hat w_hat + w_hat X_hat^T X_hat w_hat, per row.
             # float64: at 8 bits the candidates differ far below float32's resolution of these terms.
             x_hat = (aq(x2d) if aq is not None else x2d).double()
@@ -156,10 +158,6 @@ def search_linear_mse(module: QuantLinear, x: torch.Tensor, cfg: CalibConfig, ge
             last_rows = best
             rows = torch.arange(w2d.shape[0], device=w2d.device)
             wq.set_params(w_s[rows, best][:, None], w_z[rows, best][:, None])
-        elif last_rows is not None:  # no weight step: the activation step repeats itself
-            break
-        else:
-            last_rows = torch.empty(0)
         if aq is not None:
             w_hat = wq(w).reshape_as(w2d) if wq is not None else w2d
             best = int(_activation_output_errors(xs, w2d, w_hat, a_s, a_z, aq.quant_range()[1]).argmin())
