@@ -131,7 +131,21 @@ def _assert_same(single: dict, ranks: list[dict]) -> None:
             assert torch.allclose(v.float(), res["calibrated"][k].float(), rtol=1e-5, atol=1e-6), k
         assert single["history"].keys() == res["history"].keys()
         for block, curve in single["history"].items():
-            assert torch.allclose(torch.tensor(curve), torch.tensor(res["history"][block]), rtol=1e-5, atol=1e-6), block
+            one, two = torch.tensor(curve), torch.tensor(res["history"][block])
+            if block == "refine":
+                # The refinement's KL is read off the training-mode forward of each step's batch. Its
+                # first reading (same parameters) agrees to float noise; later ones follow parameters
+                # that agree only to an ulp (float reordering of the all-reduced gradients), and at
+                # 3 bits an ulp can flip an activation's rounding in that forward: measured with a
+                # reading at every step, up to 6.7e-5 relative while every learned tensor still agrees
+                # to 7.5e-9. The learned state itself is held to 1e-5 below.
+                assert torch.allclose(one[:1], two[:1], rtol=1e-5, atol=1e-6), block
+                assert torch.allclose(one, two, rtol=2e-4, atol=1e-6), block
+            else:
+                assert torch.allclose(one, two, rtol=1e-5, atol=1e-6), block
+        assert single["final"].keys() == res["final"].keys()
+        for k, v in single["final"].items():
+            assert torch.allclose(v.float(), res["final"][k].float(), rtol=1e-5, atol=1e-6), k
         assert (single["logits"] - res["logits"]).abs().max() <= 1e-5
 
 
@@ -144,7 +158,7 @@ def _assert_same(single: dict, ranks: list[dict]) -> None:
 # variables whose gradients are near zero turns the gradient sum's float reordering into visible steps).
 @pytest.mark.parametrize("family, recipe, iters, extra", [
     ("vit", "fimaq", 25, None), ("swin", "qdrop", 10, None),
-    ("vit", "qdrop", 10, {"refine": {"iters": 10, "optim_size": 48, "batch_size": 15, "rounding": "hard",
+    ("vit", "qdrop", 10, {"refine": {"iters": 10, "optim_size": 48, "batch_size": 15, "rounding": "hard", "log_every": 1,
                                      "drop_prob": 0.5}})])
 def test_two_ranks_give_what_one_process_gives(family, recipe, iters, extra, tmp_path):
     torch.set_num_threads(1)
