@@ -5,7 +5,9 @@ weights, timing only): latency and throughput at batch 1 and 64 on 1 and 2 threa
 the integer-kernel share read from onnxruntime's optimised graph, for
 
 * onnxruntime FP32 (the float model exported by torch.onnx);
-* vitq W8A8 ``int8`` profile (quantized with ``--target ort-int8``, onnxruntime integer kernels);
+* vitq W8A8 ``int8`` profile (quantized with ``--target ort-int8``, onnxruntime integer kernels, uint8
+  weights: exact on every CPU) and ``int8-vnni`` (the same file with int8 weights: onnxruntime's u8s8
+  kernels, faster with VNNI, ~2% off on AVX2-only CPUs; benchmarks/avx2_saturation.md);
 * vitq W4 ``w4`` profile (weight-only, ``--target ort-w4``, MatMulNBits; fp32 compute, i.e. exactly vitq's
   model, and onnxruntime's int8-compute default);
 * vitq W4A4 ``exact`` profile (the simulated model as a QDQ graph);
@@ -55,6 +57,9 @@ CIFAR_RUNS = {
     "fimaq-w4-ort-w4": f"{Q} --w-bits 4 --target ort-w4 --iters 500",
     "fimaq-w4a4": f"{Q} --w-bits 4 --a-bits 4 --iters 500",
 }
+RUN_PROFILES = {"fimaq-w8a8-ort-int8": ("int8", "int8-vnni"), "fimaq-w4-ort-w4": ("w4",), "fimaq-w4a4": ("exact",)}
+PROFILE_ROWS = {"int8": "vitq-w8a8-int8", "int8-vnni": "vitq-w8a8-int8-vnni", "w4": "vitq-w4-weight-only",
+                "exact": "vitq-w4a4-exact"}
 EXACT_BITS = (8, 6, 4, 3)  # exact-profile check: repq calibration (log-sqrt2 softmax, LayerNorm fold)
 BATCHES, THREADS = (1, 64), (1, 2)
 EVAL_BATCH = 250
@@ -162,15 +167,16 @@ def cifar_models(fp, calib: torch.Tensor) -> dict[str, dict]:
             print("making", run, flush=True)
             subprocess.run(f"OMP_NUM_THREADS=1 {command} --out {folder}", shell=True, check=True)
         report = json.loads((folder / "report.json").read_text())
-        profile = {"fimaq-w8a8-ort-int8": "int8", "fimaq-w4-ort-w4": "w4", "fimaq-w4a4": "exact"}[run]
-        onnx_dir = WORK / "onnx" / f"{run}-{profile}"
-        if not (onnx_dir / "model.onnx").is_file():
-            vitq.export(folder, onnx_dir, "onnx", profile=profile, check_images=calib[:8])
-        name = {"int8": "vitq-w8a8-int8", "w4": "vitq-w4-weight-only", "exact": "vitq-w4a4-exact"}[profile]
-        models[name] = {"path": onnx_dir / "model.onnx", "how": f"{command} ; vitq export --format onnx --profile {profile}",
-                        "vitq_top1": report["quant_top1"]}
-        if profile == "w4":  # onnxruntime's default MatMulNBits compute: int8 activations on the fly
-            models["vitq-w4-weight-only-int8compute"] = {**models[name], "nbits_accuracy": 4}
+        for profile in RUN_PROFILES[run]:
+            onnx_dir = WORK / "onnx" / f"{run}-{profile}"
+            if not (onnx_dir / "model.onnx").is_file():
+                vitq.export(folder, onnx_dir, "onnx", profile=profile, check_images=calib[:8])
+            name = PROFILE_ROWS[profile]
+            models[name] = {"path": onnx_dir / "model.onnx",
+                            "how": f"{command} ; vitq export --format onnx --profile {profile}",
+                            "vitq_top1": report["quant_top1"]}
+            if profile == "w4":  # onnxruntime's default MatMulNBits compute: int8 activations on the fly
+                models["vitq-w4-weight-only-int8compute"] = {**models[name], "nbits_accuracy": 4}
     for bits in (8, 4):
         for method in ("minmax", "percentile"):
             path = WORK / "onnx" / f"cifar10_vit-ort-static-{method}-w{bits}a{bits}.onnx"
@@ -196,14 +202,18 @@ def deit_models(images: torch.Tensor) -> dict[str, dict]:
     if not fp_path.exists():
         export_float(deit, images[:2], fp_path)
     models["ort-fp32"] = {"path": fp_path}
-    for name, profile, kw in (("vitq-w8a8-int8", "int8", dict(w_bits=8, a_bits=8, target="ort-int8")),
-                              ("vitq-w4-weight-only", "w4", dict(w_bits=4, target="ort-w4")),
-                              ("vitq-w4a4-exact", "exact", dict(w_bits=4, a_bits=4))):
+    quantized: dict[str, torch.nn.Module] = {}
+    for profile, kw in (("int8", dict(w_bits=8, a_bits=8, target="ort-int8")),
+                        ("int8-vnni", dict(w_bits=8, a_bits=8, target="ort-int8")),
+                        ("w4", dict(w_bits=4, target="ort-w4")), ("exact", dict(w_bits=4, a_bits=4))):
+        name = PROFILE_ROWS[profile]
         out = d / name
         if not (out / "model.onnx").is_file():
-            q = vitq.quantize(copy.deepcopy(deit), images, "minmax", calib_size=len(images), device="cpu", progress=False,
-                              **kw)
-            vitq.export(q, out, "onnx", profile=profile, check_images=images[:2])
+            key = json.dumps(kw, sort_keys=True)  # both int8 files from one calibration
+            if key not in quantized:
+                quantized[key] = vitq.quantize(copy.deepcopy(deit), images, "minmax", calib_size=len(images),
+                                               device="cpu", progress=False, **kw)
+            vitq.export(quantized[key], out, "onnx", profile=profile, check_images=images[:2])
         models[name] = {"path": out / "model.onnx", "how": f"minmax calibration on {len(images)} ImageNet images"}
         if profile == "w4":
             models["vitq-w4-weight-only-int8compute"] = {**models[name], "nbits_accuracy": 4}
@@ -317,7 +327,14 @@ def summarise(results: dict) -> str:
              "count). Top-1 on the 10,000 CIFAR-10 test images through onnxruntime.", "",
              "The first pass over `cifar10_vit` shared the cores with another benchmark, so its timings were taken "
              "again with nothing else running (`python benchmarks/deploy.py --retime cifar`; each cell's load "
-             "average is in deploy.json).", ""]
+             "average is in deploy.json).", "",
+             "`vitq-w8a8-int8-vnni` is the file the `int8` profile made before it stored its weights as uint8 "
+             "(2026-12-02): int8 weights, onnxruntime's u8s8 kernels, whose AVX2 path (CPUs without VNNI) "
+             "saturates int16 pair sums and puts the logits ~2% off (benchmarks/avx2_saturation.md). The `int8` "
+             "profile's uint8 weights run on the u8u8 kernels, exact on every CPU; on a VNNI CPU they were "
+             "1.6-1.8x slower than int8 weights for deit_small (b1 and b16, one thread, a quick side-by-side on "
+             "cores shared with a training run). A row missing below is not measured yet "
+             "(`python benchmarks/deploy.py` adds it).", ""]
     fp_top1 = results.get("fp_top1")
     for part, title in (("cifar", "cifar10_vit (32 px, 2.7 M parameters)"),
                         ("deit", "deit_small_patch16_224 (224 px, random weights: timing only)")):

@@ -122,11 +122,9 @@ _AUTOCAST_BF16 = True  # set by main() from --precision
 
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (without them bf16 matmuls are emulated, ~10x slower)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from vitq.report import cpu_features
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_features())
 
 
 def autocast():

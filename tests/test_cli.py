@@ -32,6 +32,13 @@ def test_eval_model_folder_on_image_folder(tiny_vit_dir, colour_tree, tmp_path, 
         assert key in report
     assert report["images"] == 12
     assert {"vitq", "torch", "timm"} <= set(report["versions"])
+    # the hardware too: the same command gives other numbers on CPUs with other kernels
+    from vitq.report import CPU_FEATURES
+
+    machine = report["machine"]
+    assert machine["cpu"] and machine["cpu_count"] >= 1 and set(machine["cpu_features"]) <= set(CPU_FEATURES)
+    if os.path.exists("/proc/cpuinfo") and " avx2" in open("/proc/cpuinfo").read():
+        assert "avx2" in machine["cpu_features"]
 
 
 @pytest.mark.skipif(not HAS_REFERENCE, reason="reference weights not built")

@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="packed: bit-packed integer weight codes (default); onnx: OUT/model.onnx + OUT/export.json")
     p_x.add_argument("--profile", default="exact",
                      help="onnx only. exact: QDQ graph of the fake-quant model (default); int8: onnxruntime integer "
-                          "kernels (quantize with --target ort-int8); w4: 4-bit weight-only (MatMulNBits)")
+                          "kernels (quantize with --target ort-int8), uint8 weights, exact on every CPU; int8-vnni: the same "
+                          "with int8 weights, faster on CPUs with VNNI/AMX-INT8 but ~2%% off on AVX2-only CPUs; "
+                          "w4: 4-bit weight-only (MatMulNBits)")
     p_x.add_argument("--opset", type=int, default=21, help="onnx only: opset, 21 or newer (default 21)")
     p_x.add_argument("--out", type=Path, required=True,
                      help="output folder: absent, empty, or a previous vitq export (replaced)")
@@ -231,7 +233,7 @@ def _eval_model(model, spec, limit: int | None, seed: int, batch_size: int, work
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import resolve_data
     from .models import load_model
-    from .report import versions
+    from .report import machine, versions
     from .runtime import resolve_device
 
     # cheap checks first, so a typo in --data or --device fails before a model download
@@ -242,7 +244,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          not args.quiet, f"eval {args.model}")
     out = _run_folder(args.out, "eval")
     report = {"command": "eval", "model": args.model, "data": args.data, "limit": args.limit,
-              "seed": args.seed, "device": str(device), **result, "versions": versions(),
+              "seed": args.seed, "device": str(device), **result, "versions": versions(), "machine": machine(),
               "world_size": _world()}
     _write_json(Path(out) / "report.json", report)
     print(f"{args.model} on {args.data}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
@@ -256,7 +258,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .data import resolve_data
     from .models import load_model
     from .recipes import get_recipe
-    from .report import stage, versions
+    from .report import machine, stage, versions
     from .runtime import resolve_device, seed_everything
 
     device = resolve_device(args.device)
@@ -303,7 +305,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "quant_top1": qres["top1"], "fp": fp, "calibrated": cal, "quant": qres, "config": recipe.to_dict(),
               "calibration": result.calibration,
               "reconstruction_blocks": (result.reconstruction or {}).get("blocks"),
-              "stages": stages, "versions": versions(), "world_size": _world()}
+              "stages": stages, "versions": versions(), "machine": machine(), "world_size": _world()}
     _write_json(out / "report.json", report)
     recon_s = sum(b["seconds"] for b in report["reconstruction_blocks"] or [])
     rows = [("FP32", "32", "32", fp["top1"], fp["top5"], "-"),
@@ -380,7 +382,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .api import calibration_images, images_needed, quantize_with_summary, save_quantized
     from .data import resolve_data
     from .models import load_model
-    from .report import stage, versions
+    from .report import machine, stage, versions
     from .runtime import resolve_device, seed_everything
 
     # every cheap check before any heavy work
@@ -400,7 +402,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"command": "quantize", "model": args.model, "data": args.data, "recipe": recipe.name,
                               "w_bits": recipe.w_bits, "a_bits": recipe.a_bits, "seed": args.seed,
                               "calib_size": recipe.calib_size, "limit": args.limit, "device": str(device),
-                              "config": recipe.to_dict(), "stages": stages, "versions": versions(),
+                              "config": recipe.to_dict(), "stages": stages, "versions": versions(), "machine": machine(),
                               "world_size": _world()}
     with stage(stages, "load", device):
         model = load_model(args.model, checkpoint=args.checkpoint, pretrained=not args.random_weights)

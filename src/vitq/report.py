@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import time
@@ -27,6 +28,37 @@ def versions() -> dict[str, str]:
         "vitq": __version__, "torch": torch.__version__, "timm": timm.__version__,
         "numpy": numpy.__version__, "python": platform.python_version(),
     }
+
+
+# the CPU features that change vitq's numbers or speed: AVX-512 and VNNI/AMX pick other float and
+# integer kernels (the same calibration gives another top-1 across them; the int8-vnni ONNX profile is
+# exact only with VNNI/AMX-INT8), native bf16 decides whether bf16 autocast pays
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> set[str]:
+    """Which of :data:`CPU_FEATURES` this CPU has (Linux /proc/cpuinfo; empty where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return set()
+    return set(CPU_FEATURES) & set(flags)
+
+
+def machine() -> dict[str, Any]:
+    """The hardware a report's numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "cpu_features": sorted(cpu_features()),
+                            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
 
 
 def new_run_dir(base: str | Path = "runs", prefix: str = "run") -> Path:

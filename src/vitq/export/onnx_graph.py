@@ -33,7 +33,11 @@ Profiles (``profile=``):
 * ``exact``: any vitq model, as above.
 * ``int8``: every activation quantizer uniform per tensor with its zero point inside the codes
   (``vitq quantize --target ort-int8`` calibrates and reconstructs under that constraint) and 8-bit
-  weights stored as int8: onnxruntime fuses ``DQ -> MatMul`` into ``MatMulIntegerToFloat``.
+  weights stored as uint8: onnxruntime fuses ``DQ -> MatMul`` into ``MatMulIntegerToFloat`` on its
+  u8u8 kernels, exact on every x86 CPU.
+* ``int8-vnni``: the same with the weights stored as int8, for onnxruntime's u8s8 kernels: faster
+  on CPUs with VNNI or AMX-INT8, but on CPUs without them (AVX2 only) those kernels saturate int16
+  sums of byte pairs and the logits come out ~2% off.
 * ``w4``: weight-only: activation quantizers are dropped, the (<= 4-bit, per-channel) weight codes of
   every Linear become blocked uint4 ``DequantizeLinear`` (``block_size``), which onnxruntime fuses
   into ``MatMulNBits``; the rounding is vitq's (AdaRound's, after reconstruction).
@@ -56,7 +60,8 @@ from ..qmodules import QuantLinear, QuantMode, iter_quantizers, quant_modules, s
 from ..quantizers import IntegerView, Quantizer
 from .packed import weight_codes
 
-PROFILES = ("exact", "int8", "w4")
+INT8_PROFILES = ("int8", "int8-vnni")  # integer-kernel profiles; they differ in the weights' signedness
+PROFILES = ("exact", *INT8_PROFILES, "w4")
 MIN_OPSET = 21  # int4/uint4 QuantizeLinear / DequantizeLinear and blocked weights
 
 
@@ -236,11 +241,16 @@ def _dfq_activation(name: str, view: IntegerView) -> QuantizerPlan:
 
 def _weight_storage(codes: np.ndarray, zero: np.ndarray, view: IntegerView, profile: str) -> tuple[str, np.ndarray, np.ndarray]:
     """(storage, stored codes, stored zero point) with ``(stored - zero) == (codes - z)``."""
-    if profile == "int8":  # signed weights: onnxruntime's u8s8 integer GEMM
-        shift = 128 if not view.signed else 0
+    if profile in INT8_PROFILES:
+        # int8: unsigned weights, onnxruntime's u8u8 GEMM, which widens both operands to 16 bits and is
+        # exact on every x86 CPU. int8-vnni: signed weights, its u8s8 GEMM, ~1.7x faster on CPUs with
+        # VNNI / AMX-INT8, but without them (AVX2's vpmaddubsw) it sums byte pairs in saturating int16
+        # (255 * 127 * 2 > 32767): ~2% off the logits there (benchmarks/deploy.md)
+        kind = "int8" if profile == "int8-vnni" else "uint8"
+        shift = {("int8", False): 128, ("int8", True): 0, ("uint8", False): 0, ("uint8", True): -128}[kind, view.signed]
         stored, zq = codes - shift, zero - shift
-        if _fits(stored, "int8") and _fits(zq, "int8"):
-            return "int8", stored, zq
+        if _fits(stored, kind) and _fits(zq, kind):
+            return kind, stored, zq
     order = (["int4" if view.signed else "uint4"] if view.bits <= 4 else []) + ["uint8", "int8", "int16"]
     for storage in order:
         if _fits(codes, storage) and _fits(zero, storage):
@@ -327,7 +337,7 @@ def _activation_plan(name: str, q: Quantizer, profile: str) -> QuantizerPlan:
 
 def _activation_emission(name: str, q: Quantizer, profile: str) -> QuantizerPlan:
     view = q.integer_view()
-    if profile == "int8":
+    if profile in INT8_PROFILES:
         problem = None
         if view.kind != "uniform":
             problem = f"a {view.kind} grid"
