@@ -189,8 +189,7 @@ def summarise(results: dict) -> str:
                      f"{f(c3, 'seconds', '{:.0f}')} | {f(c3 or c4, 'peak_mem_mb', '{:.0f}')} |")
     lines += ["", "## W3A3 over seeds 0, 1, 2", "", "| recipe | mean | std | runs |", "|---|---|---|---|"]
     for r in ("mse",) + RECON:
-        accs = [rows[k]["top1"] for k in (cell_key(dict(recipe=r, bits=3, seed=s, iters=results["iters"]))
-                                          for s in (0, 1, 2)) if k in rows]
+        accs = [c["top1"] for c in (cell(recipe=r, bits=3, seed=s, iters=results["iters"]) for s in (0, 1, 2)) if c]
         if accs:
             sd = f"{statistics.stdev(accs):.2f}" if len(accs) > 1 else "-"
             lines.append(f"| {r} | {statistics.mean(accs):.2f} | {sd} | {len(accs)} |")
