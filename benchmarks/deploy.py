@@ -7,7 +7,7 @@ the integer-kernel share read from onnxruntime's optimised graph, for
 * onnxruntime FP32 (the float model exported by torch.onnx);
 * vitq W8A8 ``int8`` profile (quantized with ``--target ort-int8``, onnxruntime integer kernels, uint8
   weights: exact on every CPU) and ``int8-vnni`` (the same file with int8 weights: onnxruntime's u8s8
-  kernels, faster with VNNI, ~2% off on AVX2-only CPUs; benchmarks/avx2_saturation.md);
+  kernels, faster with VNNI, inexact on AVX2-only CPUs; benchmarks/avx2_saturation.md);
 * vitq W4 ``w4`` profile (weight-only, ``--target ort-w4``, MatMulNBits; fp32 compute, i.e. exactly vitq's
   model, and onnxruntime's int8-compute default);
 * vitq W4A4 ``exact`` profile (the simulated model as a QDQ graph);
@@ -330,7 +330,7 @@ def summarise(results: dict) -> str:
              "average is in deploy.json).", "",
              "`vitq-w8a8-int8-vnni` is the file the `int8` profile made before it stored its weights as uint8 "
              "(2026-12-02): int8 weights, onnxruntime's u8s8 kernels, whose AVX2 path (CPUs without VNNI) "
-             "saturates int16 pair sums and puts the logits ~2% off (benchmarks/avx2_saturation.md). The `int8` "
+             "saturates int16 pair sums and puts the logits off (benchmarks/avx2_saturation.md). The `int8` "
              "profile's uint8 weights run on the u8u8 kernels, exact on every CPU; on a VNNI CPU they were "
              "1.6-1.8x slower than int8 weights for deit_small (b1 and b16, one thread, a quick side-by-side on "
              "cores shared with a training run). A row missing below is not measured yet "

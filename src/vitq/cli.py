@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_x.add_argument("--profile", default="exact",
                      help="onnx only. exact: QDQ graph of the fake-quant model (default); int8: onnxruntime integer "
                           "kernels (quantize with --target ort-int8), uint8 weights, exact on every CPU; int8-vnni: the same "
-                          "with int8 weights, faster on CPUs with VNNI/AMX-INT8 but ~2%% off on AVX2-only CPUs; "
+                          "with int8 weights, faster on CPUs with VNNI/AMX-INT8 but inexact on AVX2-only CPUs; "
                           "w4: 4-bit weight-only (MatMulNBits)")
     p_x.add_argument("--opset", type=int, default=21, help="onnx only: opset, 21 or newer (default 21)")
     p_x.add_argument("--out", type=Path, required=True,

@@ -36,25 +36,24 @@ def versions() -> dict[str, str]:
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
-def cpu_features() -> set[str]:
-    """Which of :data:`CPU_FEATURES` this CPU has (Linux /proc/cpuinfo; empty where unreadable)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line's value in Linux's /proc/cpuinfo (None where unreadable or absent)."""
     try:
         with open("/proc/cpuinfo") as fh:
-            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].strip() for line in fh if line.split(":", 1)[0].strip() == field), None)
     except OSError:
-        return set()
-    return set(CPU_FEATURES) & set(flags)
+        return None
+
+
+def cpu_features() -> set[str]:
+    """Which of :data:`CPU_FEATURES` this CPU has (empty where /proc/cpuinfo is unreadable)."""
+    return set(CPU_FEATURES) & set((_cpuinfo("flags") or "").split())
 
 
 def machine() -> dict[str, Any]:
     """The hardware a report's numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "cpu_features": sorted(cpu_features()),
+    info: dict[str, Any] = {"cpu": _cpuinfo("model name") or platform.processor() or platform.machine(),
+                            "cpu_count": os.cpu_count(), "cpu_features": sorted(cpu_features()),
                             "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -34,7 +34,8 @@ def export(model_or_path: nn.Module | str | Path, out: str | Path, format: str =
     loads back to the fake-quant model's logits. ``format="onnx"``: ``out/model.onnx`` in ``profile``
     ``exact`` (the fake-quant model, any quantizer), ``int8`` (onnxruntime integer kernels, uint8
     weights: exact on every CPU; quantize with ``target="ort-int8"``), ``int8-vnni`` (int8 weights:
-    faster on CPUs with VNNI / AMX-INT8, ~2% off the logits on AVX2-only ones) or ``w4`` (4-bit weight-only, onnxruntime's MatMulNBits), checked in
+    faster on CPUs with VNNI / AMX-INT8, inexact on AVX2-only ones) or ``w4`` (4-bit weight-only,
+    onnxruntime's MatMulNBits), checked in
     onnxruntime on ``check_images`` (default: a fixed random batch); ``out/export.json`` says what ran
     how. ``out`` must be absent, an empty folder or a previous vitq export (replaced only once the new
     one is complete). ``architecture`` as in :func:`vitq.save_quantized`. Returns ``out``.

@@ -37,7 +37,7 @@ Profiles (``profile=``):
   u8u8 kernels, exact on every x86 CPU.
 * ``int8-vnni``: the same with the weights stored as int8, for onnxruntime's u8s8 kernels: faster
   on CPUs with VNNI or AMX-INT8, but on CPUs without them (AVX2 only) those kernels saturate int16
-  sums of byte pairs and the logits come out ~2% off.
+  sums of byte pairs and the logits come out wrong (benchmarks/avx2_saturation.md).
 * ``w4``: weight-only: activation quantizers are dropped, the (<= 4-bit, per-channel) weight codes of
   every Linear become blocked uint4 ``DequantizeLinear`` (``block_size``), which onnxruntime fuses
   into ``MatMulNBits``; the rounding is vitq's (AdaRound's, after reconstruction).
@@ -243,11 +243,12 @@ def _weight_storage(codes: np.ndarray, zero: np.ndarray, view: IntegerView, prof
     """(storage, stored codes, stored zero point) with ``(stored - zero) == (codes - z)``."""
     if profile in INT8_PROFILES:
         # int8: unsigned weights, onnxruntime's u8u8 GEMM, which widens both operands to 16 bits and is
-        # exact on every x86 CPU. int8-vnni: signed weights, its u8s8 GEMM, ~1.7x faster on CPUs with
-        # VNNI / AMX-INT8, but without them (AVX2's vpmaddubsw) it sums byte pairs in saturating int16
-        # (255 * 127 * 2 > 32767): ~2% off the logits there (benchmarks/deploy.md)
+        # exact on every x86 CPU. int8-vnni: signed weights, its u8s8 GEMM, 1.6-1.8x faster on a CPU with
+        # VNNI (README), but without VNNI / AMX-INT8 (AVX2's vpmaddubsw) it sums byte pairs in saturating
+        # int16 (255 * 127 * 2 > 32767) and the logits come out wrong (benchmarks/avx2_saturation.md)
         kind = "int8" if profile == "int8-vnni" else "uint8"
-        shift = {("int8", False): 128, ("int8", True): 0, ("uint8", False): 0, ("uint8", True): -128}[kind, view.signed]
+        # move the 8-bit codes' range (signed or not) onto the stored type's
+        shift = (-128 if view.signed else 0) - _STORAGE[kind][2]
         stored, zq = codes - shift, zero - shift
         if _fits(stored, kind) and _fits(zq, kind):
             return kind, stored, zq
