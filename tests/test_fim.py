@@ -46,6 +46,7 @@ def test_fim_matches_explicit_per_image_outer_products(setup):
     select = torch.arange(48)  # the class token
     got = output_gradients(model, "blocks.0", block, x, y_fp, targets, T, select, batch_size=3)  # ragged batches
     brute = torch.zeros(48, 48, dtype=torch.float64)
+    magnitude = torch.zeros(48, 48, dtype=torch.float64)  # mean |g_a| |g_b|: what an entry's rounding scales with
     for i in range(len(x)):  # one image at a time, its own KL, plain autograd
         out = block(x[i:i + 1]).detach().requires_grad_(True)
         kl = F.kl_div(torch.log_softmax(forward_after(model, "blocks.0", out) / T, -1), targets[i:i + 1],
@@ -54,9 +55,14 @@ def test_fim_matches_explicit_per_image_outer_products(setup):
         g = g[0, 0].double()
         assert torch.allclose(got.grads[i].double(), g, rtol=1e-4, atol=1e-10)
         brute += torch.outer(g, g)
+        magnitude += torch.outer(g.abs(), g.abs())
     brute /= len(x)
+    magnitude /= len(x)
     assert brute.abs().max() > 0
-    assert torch.allclose(empirical_fim(got.grads), brute, rtol=1e-4, atol=1e-14)
+    # the gradients agree to float32 rounding, so an entry agrees to that rounding of the terms it sums,
+    # not of the sum: entries whose terms cancel (one here is 1e-4 of the largest) differ by more than
+    # 1e-4 of themselves on some CPUs (2e-4 seen on an AVX-512 Xeon), by ~7e-7 of their terms
+    assert ((empirical_fim(got.grads) - brute).abs() <= 1e-5 * magnitude + 1e-14).all()
 
 
 def test_snapshot_vectors_are_the_engines_at_per_image_scale(setup):
