@@ -42,12 +42,12 @@ from vitq.data import atomic_write_bytes, build_dataset, make_loader, resolve_da
 from vitq.evaluation import evaluate
 from vitq.models import eval_transform
 from vitq.qmodules import QuantMode, set_mode
-from vitq.quantizers.kernels import reference_kernels
+from vitq.quantizers.kernels import compiled_kernels, reference_kernels
 from vitq.reconstruction import ReconConfig, capture_block_input, reconstruct_block
 from vitq.reconstruction.cost import estimate_reconstruction, iteration_floor, snapshot_floor
 from vitq.reconstruction.fisher import _take_snapshot
 from vitq.reconstruction.rounding import activation_quantizers, block_quant_modules
-from vitq.report import versions
+from vitq.report import machine, versions
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -81,17 +81,31 @@ def block_setup(which: str) -> tuple:
     return model, name, x, torch.softmax(logits / 20, -1)
 
 
-def engine_seconds(model, name, x, targets, iters: int, reference: bool) -> float:
+# the kernel paths compared: the plain-autograd one before this benchmark, the fused autograd
+# functions run eagerly, and the same functions through torch.compile
+PATHS = ("reference", "fast", "compiled")
+
+
+def kernel_path(path: str):
+    """The context that selects ``path`` (the engine's own compile switch is set by ``recon_config``)."""
+    return reference_kernels() if path == "reference" else compiled_kernels(path == "compiled")
+
+
+def recon_config(path: str, **kwargs) -> ReconConfig:
+    return ReconConfig(compile_kernels="on" if path == "compiled" else "off", **kwargs)
+
+
+def engine_seconds(model, name, x, targets, iters: int, path: str) -> float:
     """Wall seconds of reconstruct_block (mse loss: no snapshot) on a copy of the model."""
     m = copy.deepcopy(model)
-    with reference_kernels(reference):
+    with kernel_path(path):
         t0 = time.perf_counter()
-        reconstruct_block(m, name, m.get_submodule(name), x, x, targets, ReconConfig(loss="mse", iters=iters),
+        reconstruct_block(m, name, m.get_submodule(name), x, x, targets, recon_config(path, loss="mse", iters=iters),
                           torch.device("cpu"), torch.Generator().manual_seed(0), progress=False)
     return time.perf_counter() - t0
 
 
-def snapshot_seconds(model, name, x, targets, reference: bool) -> float:
+def snapshot_seconds(model, name, x, targets, path: str) -> float:
     m = copy.deepcopy(model)
     block = m.get_submodule(name)
     for mod in block_quant_modules(block):
@@ -99,10 +113,10 @@ def snapshot_seconds(model, name, x, targets, reference: bool) -> float:
     for q in activation_quantizers(block):  # QDrop on during snapshots, as in the engine
         q.train()
         q.set_qdrop(0.5)
-    with reference_kernels(reference), torch.no_grad():
+    with kernel_path(path), torch.no_grad():
         y_fp = torch.cat([model.get_submodule(name)(x[i:i + 64]) for i in range(0, len(x), 64)])
-    cfg = ReconConfig()
-    with reference_kernels(reference):
+    cfg = recon_config(path)
+    with kernel_path(path):
         t0 = time.perf_counter()
         _take_snapshot(m, name, block, x, y_fp, targets, cfg, torch.device("cpu"), None)
         return time.perf_counter() - t0
@@ -111,9 +125,10 @@ def snapshot_seconds(model, name, x, targets, reference: bool) -> float:
 def profile_top(model, name, x, targets, n: int = 20, top: int = 8) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
+    engine_seconds(model, name, x, targets, 2, "compiled")  # compiled before the profile starts
     m = copy.deepcopy(model)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        reconstruct_block(m, name, m.get_submodule(name), x, x, targets, ReconConfig(loss="mse", iters=n),
+    with profile(activities=[ProfilerActivity.CPU]) as prof, compiled_kernels():
+        reconstruct_block(m, name, m.get_submodule(name), x, x, targets, recon_config("compiled", loss="mse", iters=n),
                           torch.device("cpu"), torch.Generator().manual_seed(0), progress=False)
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in rows)
@@ -126,34 +141,38 @@ def measure_block(which: str, short: int, long: int) -> dict:
     # the floors, then the engine (both kernel paths), then the floors again: the mean of both
     floors_a = (iteration_floor(model.get_submodule(name), x[:32]),
                 snapshot_floor(model, name, model.get_submodule(name)(x[:64]).detach(), len(x)))
-    for label, ref in (("reference", True), ("fast", False)):
-        t_short = engine_seconds(model, name, x, targets, short, ref)
-        t_long = engine_seconds(model, name, x, targets, long, ref)
+    for label in PATHS:
+        if label == "compiled":  # the one-off compilation outside the timed runs
+            engine_seconds(model, name, x, targets, 2, label)
+            snapshot_seconds(model, name, x[:128], targets[:128], label)
+        t_short = engine_seconds(model, name, x, targets, short, label)
+        t_long = engine_seconds(model, name, x, targets, long, label)
         out[f"iteration_s_{label}"] = (t_long - t_short) / (long - short)
-        out[f"snapshot_s_{label}"] = snapshot_seconds(model, name, x, targets, ref)
+        out[f"snapshot_s_{label}"] = snapshot_seconds(model, name, x, targets, label)
     floors_b = (iteration_floor(model.get_submodule(name), x[:32]),
                 snapshot_floor(model, name, model.get_submodule(name)(x[:64]).detach(), len(x)))
     out["iteration_floor_s"] = (floors_a[0] + floors_b[0]) / 2
     out["snapshot_floor_s"] = (floors_a[1] + floors_b[1]) / 2
-    for label in ("reference", "fast"):
+    for label in PATHS:
         out[f"iteration_ratio_{label}"] = out[f"iteration_s_{label}"] / out["iteration_floor_s"]
         out[f"snapshot_ratio_{label}"] = out[f"snapshot_s_{label}"] / out["snapshot_floor_s"]
-    out["profile_fast"] = profile_top(model, name, x, targets)
+    out["profile_compiled"] = profile_top(model, name, x, targets)
     return out
 
 
-def measure_e2e(reference: bool) -> dict:
+def measure_e2e(path: str) -> dict:
     fp = vitq.load_model("cifar10_vit")
-    recipe = vitq.get_recipe("fimaq", w_bits=3, a_bits=3, seed=0, reconstruction={"iters": 500})
+    recipe = vitq.get_recipe("fimaq", w_bits=3, a_bits=3, seed=0, reconstruction={
+        "iters": 500, "compile_kernels": "on" if path == "compiled" else "off"})
     pool = vitq.calibration_images(fp, "cifar10", vitq.api.images_needed(recipe), seed=0)
     out: dict = {"load_avg_start": os.getloadavg()[0]}
-    if not reference:  # the cost model's prediction, before the run, as the CLI prints it
+    if path != "reference":  # the cost model's prediction, before the run, as the CLI prints it
         t0 = time.perf_counter()
         est = estimate_reconstruction(copy.deepcopy(fp), pool, recipe.reconstruction)
         out.update(predicted_reconstruction_s=est.seconds, estimate_cost_s=time.perf_counter() - t0)
     model = copy.deepcopy(fp)
     t0 = time.perf_counter()
-    with reference_kernels(reference):
+    with reference_kernels(path == "reference"):
         result = vitq.quantize_with_summary(model, pool, recipe, device="cpu", progress=False)
     out["wall_s"] = time.perf_counter() - t0
     out["stages"] = {k: v["seconds"] for k, v in result.stages.items()}
@@ -163,49 +182,61 @@ def measure_e2e(reference: bool) -> dict:
     return out
 
 
+def _e2e_table(e2e: dict, title: str) -> list[str]:
+    lines = ["", title, "", "| kernels | calibration s | reconstruction s | total s | top-1 |", "|---|---|---|---|---|"]
+    for label in PATHS:
+        c = e2e.get(label)
+        if c:
+            lines.append(f"| {label} | {c['stages']['calibration']:.0f} | {c['stages']['reconstruction']:.0f} | "
+                         f"{c['wall_s']:.0f} | {c['top1']:.2f} |")
+    labels = [p for p in PATHS if p in e2e]
+    for a, b in zip(labels, labels[1:]):
+        x, y = e2e[a], e2e[b]
+        lines += ["", f"`{b}` against `{a}`: whole run **{x['wall_s'] / y['wall_s']:.2f}x** faster (calibration "
+                  f"{x['stages']['calibration'] / y['stages']['calibration']:.2f}x, reconstruction "
+                  f"{x['stages']['reconstruction'] / y['stages']['reconstruction']:.2f}x); top-1 {y['top1'] - x['top1']:+.2f}."]
+    for label in labels:
+        c = e2e[label]
+        if "predicted_reconstruction_s" in c:
+            lines += ["", f"Cost model for `{label}` (`estimate_reconstruction`, {c['estimate_cost_s']:.0f} s to measure "
+                      f"the floors): predicted reconstruction {c['predicted_reconstruction_s']:.0f} s, measured "
+                      f"{c['stages']['reconstruction']:.0f} s "
+                      f"({c['predicted_reconstruction_s'] / c['stages']['reconstruction'] - 1:+.0%})."]
+    return lines
+
+
 def summarise(r: dict) -> str:
     lines = ["# Engine speed", "", f"Command: `{r['command']}`", "",
              "CPU, one thread, one process; every ratio compares two measurements of the same run. "
              "Floors: forward + backward of the float block at batch 32 (iteration) and forward from the "
              "block's output to the logits + backward to it over the optimisation images (snapshot), plain "
-             "PyTorch (`vitq.reconstruction.cost`). `reference` is the fake-quantization path before this "
-             "benchmark (`vitq.quantizers.kernels.reference_kernels()`), `fast` today's.", ""]
+             "PyTorch (`vitq.reconstruction.cost`). Kernel paths: `reference` is the fake-quantization path "
+             "before this benchmark (`vitq.quantizers.kernels.reference_kernels()`), `fast` the fused autograd "
+             "functions run eagerly (`--compile off`), `compiled` the same functions through `torch.compile` "
+             "(`--compile on`; `auto`, the default, compiles from 200 iterations per block).", ""]
+    if r.get("machine"):
+        m = r["machine"]
+        lines += [f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores, features {', '.join(m.get('features', []))}.", ""]
     blocks = r.get("blocks", {})
     if blocks:
+        head = " | ".join(f"{p} s (x floor)" for p in PATHS)
         lines += ["## One block, batch 32", "",
-                  "| model | block | images | iteration floor s | reference s (x floor) | fast s (x floor) | "
-                  "snapshot floor s | reference s (x floor) | fast s (x floor) |", "|---|---|---|---|---|---|---|---|---|"]
+                  f"| model | block | images | iteration floor s | {head} | snapshot floor s | {head} |",
+                  "|---|---|---|---|" + "---|" * len(PATHS) + "---|" + "---|" * len(PATHS)]
         for which, b in blocks.items():
-            lines.append(
-                f"| {which} | {b['block']} | {b['images']} | {b['iteration_floor_s']:.4f} | "
-                f"{b['iteration_s_reference']:.4f} ({b['iteration_ratio_reference']:.2f}x) | "
-                f"{b['iteration_s_fast']:.4f} ({b['iteration_ratio_fast']:.2f}x) | {b['snapshot_floor_s']:.2f} | "
-                f"{b['snapshot_s_reference']:.2f} ({b['snapshot_ratio_reference']:.2f}x) | "
-                f"{b['snapshot_s_fast']:.2f} ({b['snapshot_ratio_fast']:.2f}x) |")
+            its = " | ".join(f"{b[f'iteration_s_{p}']:.4f} ({b[f'iteration_ratio_{p}']:.2f}x)" for p in PATHS)
+            snaps = " | ".join(f"{b[f'snapshot_s_{p}']:.2f} ({b[f'snapshot_ratio_{p}']:.2f}x)" for p in PATHS)
+            lines.append(f"| {which} | {b['block']} | {b['images']} | {b['iteration_floor_s']:.4f} | {its} | "
+                         f"{b['snapshot_floor_s']:.2f} | {snaps} |")
         for which, b in blocks.items():
-            lines += ["", f"Top operators of 20 fast iterations, {which} (self CPU share):", ""]
-            lines += [f"- `{p['op']}` {100 * p['share']:.1f}% ({p['calls']} calls)" for p in b["profile_fast"]]
-    e2e = r.get("e2e", {})
-    if e2e:
-        lines += ["", "## cifar10_vit W3A3 fimaq, 500 iterations, seed 0 (`quantize_with_summary`, the CLI's path)",
-                  "", "| kernels | calibration s | reconstruction s | total s | top-1 |", "|---|---|---|---|---|"]
-        for label in ("reference", "fast"):
-            c = e2e.get(label)
-            if c:
-                lines.append(f"| {label} | {c['stages']['calibration']:.0f} | {c['stages']['reconstruction']:.0f} | "
-                             f"{c['wall_s']:.0f} | {c['top1']:.2f} |")
-        if "reference" in e2e and "fast" in e2e:
-            ref, fast = e2e["reference"], e2e["fast"]
-            lines += ["", f"Speed-up of the whole run: **{ref['wall_s'] / fast['wall_s']:.2f}x** (calibration "
-                      f"{ref['stages']['calibration'] / fast['stages']['calibration']:.2f}x, reconstruction "
-                      f"{ref['stages']['reconstruction'] / fast['stages']['reconstruction']:.2f}x); top-1 "
-                      f"{fast['top1'] - ref['top1']:+.2f}."]
-        fast = e2e.get("fast")
-        if fast and "predicted_reconstruction_s" in fast:
-            lines += ["", f"Cost model (`estimate_reconstruction`, {fast['estimate_cost_s']:.0f} s to measure the floors): "
-                      f"predicted reconstruction {fast['predicted_reconstruction_s']:.0f} s, measured "
-                      f"{fast['stages']['reconstruction']:.0f} s "
-                      f"({fast['predicted_reconstruction_s'] / fast['stages']['reconstruction'] - 1:+.0%})."]
+            lines += ["", f"Top operators of 20 compiled iterations, {which} (self CPU share):", ""]
+            lines += [f"- `{p['op']}` {100 * p['share']:.1f}% ({p['calls']} calls)" for p in b["profile_compiled"]]
+    if r.get("e2e"):
+        lines += _e2e_table(r["e2e"], "## cifar10_vit W3A3 fimaq, 500 iterations, seed 0 (`quantize_with_summary`, "
+                            "the CLI's path)")
+    if r.get("e2e_before"):
+        lines += _e2e_table(r["e2e_before"], "## The same, measured before the compiled kernels (an earlier run, "
+                            "another machine of this kind: its ratios compare its own two cells)")
     if r.get("notes"):  # what the numbers mean, written after the run (kept in the JSON)
         lines += ["", "## Reading the numbers", ""] + [f"- {n}" for n in r["notes"]]
     lines += ["", f"Versions: {r.get('versions')}", ""]
@@ -215,12 +246,13 @@ def summarise(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--groups", nargs="*", default=["blocks", "e2e"])
+    ap.add_argument("--paths", nargs="*", default=list(PATHS), choices=PATHS, help="the e2e group's kernel paths")
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args()
     torch.set_num_threads(1)
     path = args.out / "speed.json"
     r = json.loads(path.read_text()) if path.is_file() else {}
-    r.update(command="python benchmarks/speed.py", versions=versions())
+    r.update(command="python benchmarks/speed.py", versions=versions(), machine=machine())
 
     def save() -> None:
         atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
@@ -231,11 +263,11 @@ def main() -> None:
             if which not in r.setdefault("blocks", {}):
                 r["blocks"][which] = measure_block(which, short, long)
                 save()
-                print(which, {k: v for k, v in r["blocks"][which].items() if k != "profile_fast"}, flush=True)
+                print(which, {k: v for k, v in r["blocks"][which].items() if k != "profile_compiled"}, flush=True)
     if "e2e" in args.groups:
-        for label in ("reference", "fast"):
+        for label in args.paths:
             if label not in r.setdefault("e2e", {}):
-                r["e2e"][label] = measure_e2e(label == "reference")
+                r["e2e"][label] = measure_e2e(label)
                 save()
                 print(label, r["e2e"][label], flush=True)
     save()

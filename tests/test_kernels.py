@@ -7,8 +7,9 @@ import torch
 
 import vitq
 from conftest import tiny_vit
-from vitq.quantizers import LogQuantizer, UniformQuantizer
-from vitq.quantizers.kernels import reference_kernels
+from vitq.quantizers import AdaRoundQuantizer, LogQuantizer, UniformQuantizer
+from vitq.quantizers import kernels
+from vitq.quantizers.kernels import compiled_kernels, reference_kernels
 from vitq.reconstruction import ReconConfig
 from vitq.reconstruction.cost import estimate_reconstruction
 from vitq.errors import VitqError
@@ -140,3 +141,74 @@ def test_fast_fake_quant_scale_gradient_alone_equals_the_reference():
             (qc(x) * torch.linspace(-1, 1, x.numel()).reshape(x.shape)).sum().backward()
         grads.append(qc.scale.grad)
     assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-5) and grads[0].abs().item() > 0
+
+
+def adaround_run(reference, compiled=False, weight_grad=False, beta=7.3):
+    """(soft weight, alpha gradient, weight gradient, regulariser) of AdaRound on one path."""
+    torch.manual_seed(0)
+    w = torch.randn(24, 16)
+    base = UniformQuantizer(3, granularity="channel")
+    base.observe(w * 0.7)  # some weights clip
+    base.init_from_minmax()
+    q = AdaRoundQuantizer(base, w)
+    with torch.no_grad():
+        q.alpha.add_(torch.randn_like(q.alpha) * 2)  # offsets away from their start, some saturated
+    w = w.clone().requires_grad_(weight_grad)
+    with reference_kernels(reference), compiled_kernels(compiled):
+        y = q(w)
+        loss = (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum() + 0.3 * q.round_loss(beta)
+        loss.backward()
+        reg = q.round_loss(beta).detach()
+    return y.detach(), q.alpha.grad, w.grad, reg
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_fast_adaround_equals_the_reference(weight_grad):
+    ref, fast = adaround_run(True, weight_grad=weight_grad), adaround_run(False, weight_grad=weight_grad)
+    assert torch.equal(fast[0], ref[0]) and torch.equal(fast[3], ref[3])
+    assert torch.allclose(fast[1], ref[1], rtol=1e-5, atol=1e-6)
+    assert (ref[1] == 0).any() and (ref[1] != 0).any()  # clipped / saturated offsets get no gradient
+    if weight_grad:  # the straight-through path to a weight that is itself learned (merged LRC)
+        assert torch.equal(fast[2], ref[2]) and (ref[2] == 0).any() and (ref[2] == 1).all() == False  # noqa: E712
+    else:
+        assert fast[2] is None
+
+
+def test_compiled_kernels_give_the_eager_values_and_gradients():
+    q, x = calibrated((4, 9, 16), offset=0.3, granularity="token")
+    q.train()
+    q.set_qdrop(0.5)
+    eager = run(q, x, False)
+    with compiled_kernels():
+        compiled = run(q, x, False)
+        assert kernels.compile_status() == "compiled"
+    assert torch.equal(compiled[0], eager[0])  # same QDrop draws (eager), same values
+    assert torch.allclose(compiled[1], eager[1], rtol=1e-6, atol=1e-7)
+    assert torch.allclose(compiled[2], eager[2], rtol=1e-4, atol=1e-5)
+    ada_eager, ada_compiled = adaround_run(False), adaround_run(False, compiled=True)
+    assert torch.equal(ada_compiled[0], ada_eager[0])
+    assert torch.allclose(ada_compiled[1], ada_eager[1], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ada_compiled[3], ada_eager[3], rtol=1e-6)
+
+
+def test_a_failing_compiler_warns_once_and_runs_eagerly(monkeypatch):
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+        return call
+
+    monkeypatch.setattr(kernels, "_COMPILE_FAILED", None)
+    monkeypatch.setattr(kernels._fake_quant_fused, "compiled", None)
+    monkeypatch.setattr(kernels._times_fused, "compiled", None)
+    monkeypatch.setattr(torch, "compile", broken)
+    q, x = calibrated((4, 9, 16), offset=0.3)
+    q.train()
+    q.set_qdrop(0.5)
+    eager = run(q, x, False)
+    with compiled_kernels(), pytest.warns(RuntimeWarning, match=r"No working C\+\+ compiler found\); running them eagerly") as rec:
+        fallback = run(q, x, False)
+        again = run(q, x, False)
+    assert len(rec) == 1
+    assert kernels.compile_status().startswith("eager (torch.compile failed: InvalidCxxCompiler")
+    for a, b, c in zip(eager, fallback, again):
+        assert torch.equal(a, b) and torch.equal(a, c)

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
                    help="the block's forward/backward under autocast (bf16 on CPU or CUDA, fp16 on CUDA); "
                         "caches, targets and losses stay float32")
+    g.add_argument("--compile", dest="compile_kernels", choices=("auto", "on", "off"), default=None,
+                   help="torch.compile the fused fake-quantization kernels of reconstruction and refinement "
+                        "(auto: from 200 iterations per block; eager wherever compilation fails)")
     g.add_argument("--cache-on-disk", action="store_true", default=None,
                    help="keep the cached block inputs/outputs in memory-mapped files ($VITQ_CACHE_DIR or the "
                         "temp dir) instead of memory: for models whose caches do not fit")
@@ -331,7 +334,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 RECON_FLAGS = ("iters", "optim_size", "rank", "alpha", "lowrank_form", "snapshot_schedule", "renormalize",
                "temperature", "input_mode", "drop_prob", "weight_lr", "act_lr", "round_lambda", "autocast",
-               "cache_on_disk", "global_weight", "global_every")
+               "cache_on_disk", "global_weight", "global_every", "compile_kernels")
 # --refine-X sets refine field X
 REFINE_FLAGS = ("iters", "optim_size", "rounding", "act_lr", "temperature", "drop_prob", "learn_biases")
 AIQ_FLAGS = ("lrc", "lrc_mode", "rank_policy", "fixed_rank", "search_iters", "curriculum")
@@ -362,6 +365,8 @@ def recipe_from_args(args: argparse.Namespace):
         recon["batch_size"] = args.recon_batch_size
     aiq = {k: getattr(args, k) for k in AIQ_FLAGS if getattr(args, k) is not None}
     refine = {k: getattr(args, f"refine_{k}") for k in REFINE_FLAGS if getattr(args, f"refine_{k}") is not None}
+    if args.compile_kernels is not None and (refine or base.refine is not None):
+        refine["compile_kernels"] = args.compile_kernels  # one switch for both stages
     calibration = {k: getattr(args, k) for k in ("eq_n", "search_rounds") if getattr(args, k) is not None}
     for flag in ("tokens", "samples", "elements"):
         value = getattr(args, f"search_{flag}")

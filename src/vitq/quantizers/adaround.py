@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from .base import IntegerView, Quantizer
+from .kernels import adaround_round_loss, adaround_soft_weight, reference_active
 from .uniform import UniformQuantizer
 
 
@@ -48,6 +49,10 @@ class AdaRoundQuantizer(Quantizer):
         return (self.alpha >= 0).to(self.alpha.dtype)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.soft and torch.is_grad_enabled() and not reference_active():
+            # reconstruction: one autograd node (kernels.py)
+            return adaround_soft_weight(w, self.alpha, self.scale, self.zero_point, self.qmin, self.qmax,
+                                        self.zeta, self.gamma)
         q = torch.clamp(torch.floor(w / self.scale) + self.h() + self.zero_point, self.qmin, self.qmax)
         out = (q - self.zero_point) * self.scale
         if w.requires_grad:
@@ -86,6 +91,8 @@ class AdaRoundQuantizer(Quantizer):
 
     def round_loss(self, beta: float) -> torch.Tensor:
         """``sum(1 - |2h - 1|^beta)``: pushes every offset to 0 or 1 as beta falls."""
+        if not reference_active():
+            return adaround_round_loss(self.alpha, beta, self.zeta, self.gamma)
         h = torch.clamp(torch.sigmoid(self.alpha) * (self.zeta - self.gamma) + self.gamma, 0, 1)
         return (1 - (2 * h - 1).abs().pow(beta)).sum()
 

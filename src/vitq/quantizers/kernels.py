@@ -12,20 +12,29 @@ two gradient factors in the forward pass, and QDrop selects with a 0/1 multiply.
   (``d x_hat / d s = (q - z) - [inside] * x / s``) instead of through autograd's chain, so they
   differ from the reference in the last bits only. QDrop draws the same random numbers.
 
-``reference_kernels()`` switches back to the plain-autograd path (tests compare the two; the speed
-benchmark times the old path in the same run).
+AdaRound's soft weight and its rounding regulariser are autograd functions of the same kind: one
+node each, gradients to ``alpha`` written directly.
+
+``compiled_kernels()`` runs the elementwise part of these functions through ``torch.compile``
+(one fused loop instead of a dozen passes over memory; the QDrop draws stay eager, so the random
+stream is the same). Where compilation fails (no C++ compiler, no triton) it warns once and the
+same functions run eagerly. ``reference_kernels()`` switches back to the plain-autograd path
+(tests compare the paths; the speed benchmark times them in the same run).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import warnings
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ..distributed import uniform_like
 
 _REFERENCE = False
+_COMPILE = False
+_COMPILE_FAILED: str | None = None  # why torch.compile is unavailable here, once it failed
 
 
 def reference_active() -> bool:
@@ -42,6 +51,51 @@ def reference_kernels(active: bool = True) -> Iterator[None]:
         yield
     finally:
         _REFERENCE = saved
+
+
+@contextlib.contextmanager
+def compiled_kernels(active: bool = True) -> Iterator[None]:
+    """Inside, the fused kernels run through ``torch.compile`` (eagerly where that fails)."""
+    global _COMPILE
+    saved, _COMPILE = _COMPILE, bool(active)
+    try:
+        yield
+    finally:
+        _COMPILE = saved
+
+
+def compile_status() -> str:
+    """``compiled``, ``eager`` or ``eager (torch.compile failed: ...)``: what the fused kernels run as now."""
+    if _COMPILE_FAILED is not None:
+        return f"eager (torch.compile failed: {_COMPILE_FAILED})"
+    return "compiled" if _COMPILE else "eager"
+
+
+class _Fused:
+    """A pure elementwise tensor function (no autograd inside), compiled on first use under
+    :func:`compiled_kernels`. Dynamic shapes: one compiled kernel serves every batch and width."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.compiled: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        global _COMPILE_FAILED
+        if _COMPILE and _COMPILE_FAILED is None:
+            if self.compiled is None:
+                # one graph per input pattern (QDrop or not, zero point or not, which gradients, the
+                # scale's broadcast): more than dynamo's default 8, after which it would run eagerly
+                import torch._dynamo.config as dynamo_config
+
+                dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+                self.compiled = torch.compile(self.fn, dynamic=True)
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # a pure function: running it eagerly instead is safe
+                _COMPILE_FAILED = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                warnings.warn(f"vitq: torch.compile of the fake-quantization kernels failed ({_COMPILE_FAILED}); "
+                              "running them eagerly (same results, slower)", RuntimeWarning, stacklevel=2)
+        return self.fn(*args)
 
 
 def keep_mask(x: torch.Tensor, keep_prob: float) -> torch.Tensor:
@@ -77,34 +131,53 @@ def fake_quant_values(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
         return q.mul_(scale)
 
 
+def _fake_quant_parts(x: torch.Tensor, rand: torch.Tensor | None, scale: torch.Tensor,
+                      zero_point: torch.Tensor | None, qmin: int, qmax: int, keep_prob: float, need_x: bool,
+                      need_scale: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(fake-quantized output, d out / d x, d out / d scale) elementwise; ``rand``: QDrop's draws or None.
+
+    In-place ops on its own intermediates keep the eager run to few buffers; compiled, they fuse.
+    """
+    v = x / scale
+    q = torch.round(v)
+    if zero_point is not None:
+        q = q.add_(zero_point) if q.shape == torch.broadcast_shapes(q.shape, zero_point.shape) else q + zero_point
+    # the gradient passes where the clamp's input is strictly inside (qmin, qmax): what autograd's
+    # clamp backward gives in this torch (0 at the bounds), so both paths learn the same way
+    inside = ((q > qmin) & (q < qmax)).to(x.dtype)
+    q.clamp_(qmin, qmax)
+    if zero_point is not None:
+        q.sub_(zero_point)
+    x_hat = q * scale
+    grad_scale = torch.addcmul(q, v, inside, value=-1.0) if need_scale else None  # (q - z) - [inside] * x / s
+    if rand is None:
+        return x_hat, inside if need_x else None, grad_scale
+    m = rand.lt_(keep_prob).to(x.dtype)
+    if grad_scale is not None:
+        grad_scale.mul_(m)
+    dropped = 1 - m
+    grad_x = torch.addcmul(dropped, m, inside) if need_x else None  # kept: [inside]; dropped: 1
+    return torch.addcmul(x * dropped, x_hat, m), grad_x, grad_scale
+
+
+def _times(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return grad * factor
+
+
+_fake_quant_fused = _Fused(_fake_quant_parts)
+_times_fused = _Fused(_times)
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Uniform fake quantization with straight-through rounding, a learnable scale and QDrop."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
                 keep_prob: float | None) -> torch.Tensor:
-        v = x / scale
-        q = torch.round(v)
-        if zero_point is not None:
-            q.add_(zero_point)
-        # the gradient passes where the clamp's input is strictly inside (qmin, qmax): what autograd's
-        # clamp backward gives in this torch (0 at the bounds), so both paths learn the same way
-        inside = ((q > qmin) & (q < qmax)).to(x.dtype)
-        q.clamp_(qmin, qmax)
-        if zero_point is not None:
-            q.sub_(zero_point)
-        x_hat = q * scale
         need_x, need_scale = ctx.needs_input_grad[:2]  # only the factors a gradient will use
-        grad_scale = torch.addcmul(q, v, inside, value=-1.0) if need_scale else None  # (q - z) - [inside] * x / s
-        if keep_prob is None:
-            grad_x, out = inside, x_hat
-        else:
-            m = keep_mask(x, keep_prob)
-            if grad_scale is not None:
-                grad_scale.mul_(m)
-            dropped = 1 - m
-            grad_x = torch.addcmul(dropped, m, inside) if need_x else None  # kept: [inside]; dropped: 1
-            out = torch.addcmul(x * dropped, x_hat, m)
+        rand = None if keep_prob is None else uniform_like(x)  # eager: the same stream on every path
+        out, grad_x, grad_scale = _fake_quant_fused(x, rand, scale, zero_point, qmin, qmax,
+                                                    1.0 if keep_prob is None else keep_prob, need_x, need_scale)
         ctx.save_for_backward(grad_x, grad_scale)
         ctx.scale_shape = scale.shape
         return out
@@ -112,8 +185,8 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad_x, grad_scale = ctx.saved_tensors
-        gx = grad * grad_x if ctx.needs_input_grad[0] else None
-        gs = (grad * grad_scale).sum_to_size(ctx.scale_shape) if ctx.needs_input_grad[1] else None
+        gx = _times_fused(grad, grad_x) if ctx.needs_input_grad[0] else None
+        gs = _times_fused(grad, grad_scale).sum_to_size(ctx.scale_shape) if ctx.needs_input_grad[1] else None
         return gx, gs, None, None, None, None
 
 
@@ -125,3 +198,86 @@ def fake_quant_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     probability of keeping the quantized value (None: no QDrop).
     """
     return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax, keep_prob)
+
+
+# ---- AdaRound: the soft weight and the rounding regulariser (adaround.py)
+
+def _rectified_sigmoid(alpha: torch.Tensor, zeta: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, d h / d alpha, [h strictly inside (0, 1)]) of ``h = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1)``."""
+    sig = torch.sigmoid(alpha)
+    raw = sig * (zeta - gamma) + gamma
+    inside = ((raw > 0) & (raw < 1)).to(alpha.dtype)
+    return raw.clamp(0, 1), sig * (1 - sig) * (zeta - gamma) * inside, inside
+
+
+def _adaround_parts(w: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                    qmin: int, qmax: int, zeta: float, gamma: float, need_w: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(soft weight, d w_hat / d alpha, straight-through d w_hat / d w or None)."""
+    h, dh, _ = _rectified_sigmoid(alpha, zeta, gamma)
+    t = torch.floor(w / scale) + h + zero_point
+    q = t.clamp(qmin, qmax)
+    grad_alpha = dh * ((t > qmin) & (t < qmax)).to(w.dtype) * scale
+    grad_w = None
+    if need_w:  # the input's straight-through path inside the grid (the floor has no gradient)
+        u = w / scale + zero_point
+        grad_w = ((u >= qmin) & (u <= qmax)).to(w.dtype)
+    return (q - zero_point) * scale, grad_alpha, grad_w
+
+
+def _round_loss_parts(alpha: torch.Tensor, beta: torch.Tensor, zeta: float, gamma: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``sum(1 - |2h - 1|^beta)``, its gradient to alpha); ``beta`` a 0-d tensor (no recompile per value)."""
+    h, dh, _ = _rectified_sigmoid(alpha, zeta, gamma)
+    d = 2 * h - 1
+    a = d.abs()
+    p = a.pow(beta)
+    # d/dalpha of -|d|^beta = -beta |d|^(beta - 1) sign(d) 2 dh; |d|^(beta-1) = p / |d| (0 where d = 0)
+    slope = torch.where(a > 0, p / a.clamp(min=1e-30), torch.zeros_like(a)) * torch.sign(d)
+    return (1 - p).sum(), slope * dh * (-2.0 * beta)
+
+
+_adaround_fused = _Fused(_adaround_parts)
+_round_loss_fused = _Fused(_round_loss_parts)
+
+
+class _AdaRoundSoft(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                qmin: int, qmax: int, zeta: float, gamma: float) -> torch.Tensor:
+        out, grad_alpha, grad_w = _adaround_fused(w, alpha, scale, zero_point, qmin, qmax, zeta, gamma,
+                                                  ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad_alpha, grad_w)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_alpha, grad_w = ctx.saved_tensors
+        gw = _times_fused(grad, grad_w) if ctx.needs_input_grad[0] else None
+        ga = _times_fused(grad, grad_alpha) if ctx.needs_input_grad[1] else None
+        return gw, ga, None, None, None, None, None, None
+
+
+class _RoundLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, alpha: torch.Tensor, beta: torch.Tensor, zeta: float, gamma: float) -> torch.Tensor:
+        loss, grad_alpha = _round_loss_fused(alpha, beta, zeta, gamma)
+        ctx.save_for_backward(grad_alpha)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (grad_alpha,) = ctx.saved_tensors
+        return _times_fused(grad, grad_alpha), None, None, None
+
+
+def adaround_soft_weight(w: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                         qmin: int, qmax: int, zeta: float, gamma: float) -> torch.Tensor:
+    """``s * (clamp(floor(w/s) + h(alpha) + z, qmin, qmax) - z)`` as one autograd node (gradients to
+    ``alpha`` and, straight through inside the grid, to ``w``)."""
+    return _AdaRoundSoft.apply(w, alpha, scale, zero_point, qmin, qmax, zeta, gamma)
+
+
+def adaround_round_loss(alpha: torch.Tensor, beta: float, zeta: float, gamma: float) -> torch.Tensor:
+    """AdaRound's regulariser ``sum(1 - |2 h(alpha) - 1|^beta)`` as one autograd node."""
+    return _RoundLoss.apply(alpha, torch.tensor(float(beta), dtype=alpha.dtype, device=alpha.device), zeta, gamma)

@@ -23,6 +23,15 @@ FISHER_LOSSES = ("fimaq_diag", "fimaq_lowrank", "fimaq_dplr", "fimaq_dplr_lowran
 INPUT_MODES = ("qdrop", "rinp", "qinp")
 SNAPSHOT_SCHEDULES = ("q", "qf", "r")
 AUTOCAST = (None, "bf16", "fp16")
+COMPILE = ("auto", "on", "off")
+# auto compiles the fused kernels from this many iterations per block: below, a run takes
+# minutes and the one-off compilation (seconds to a minute per process) would not pay
+COMPILE_FROM_ITERS = 200
+
+
+def compiles(setting: str, iters: int) -> bool:
+    """Whether the fused fake-quantization kernels go through torch.compile (see ``compile_kernels``)."""
+    return setting == "on" or (setting == "auto" and iters >= COMPILE_FROM_ITERS)
 
 
 @dataclass
@@ -68,6 +77,9 @@ class ReconConfig:
     # backward, so global_every > 1 adds it on every N-th iteration only.
     global_weight: float = 0.0
     global_every: int = 1
+    # torch.compile of the fused fake-quantization kernels (quantizers/kernels.py): on, off, or
+    # auto (on from COMPILE_FROM_ITERS iterations per block); eager wherever compilation fails
+    compile_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [("loss", self.loss, LOSSES), ("input_mode", self.input_mode, INPUT_MODES),
@@ -75,7 +87,7 @@ class ReconConfig:
                   ("lowrank_form", self.lowrank_form, LOWRANK_FORMS),
                   ("renormalize", self.renormalize, ("refresh", "once")),
                   ("snapshot_input", self.snapshot_input, ("fp", "quant", "qdrop")),
-                  ("autocast", self.autocast, AUTOCAST)]
+                  ("autocast", self.autocast, AUTOCAST), ("compile_kernels", self.compile_kernels, COMPILE)]
         for field, value, choices in checks:
             if value not in choices:
                 raise VitqError(f"{field} must be one of {', '.join(map(str, choices))}, got {value!r}")

@@ -16,11 +16,12 @@ from ..adapters import is_head_block, reconstruction_blocks
 from ..distributed import sharded_map
 from ..errors import VitqError
 from ..qmodules import QuantMode, set_mode
+from ..quantizers.kernels import compiled_kernels
 from ..report import PeakMemory
 from . import checkpoint
 from .block import reconstruct_block
 from .capture import capture_block_input, keep_cache
-from .config import FISHER_LOSSES, ReconConfig
+from .config import FISHER_LOSSES, ReconConfig, compiles
 from .extension import BlockExtension
 from .global_loss import penultimate_features
 from .rounding import block_quant_modules, fold_learned_rounding, install_learned_rounding
@@ -114,7 +115,8 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
         if k > 0:
             eta = f", ~{(time.perf_counter() - t_start) / k * (len(todo) - k) / 60:.1f} min left"
         # fork_rng: the per-block seed must not leak into the caller's global RNG
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), PeakMemory(device) as mem:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), PeakMemory(device) as mem, \
+                compiled_kernels(compiles(cfg.compile_kernels, cfg.iters)):
             torch.manual_seed(block_seed(seed, index))  # QDrop masks inside the quantizers
             gen = torch.Generator().manual_seed(block_seed(seed, index))
             t0 = time.perf_counter()

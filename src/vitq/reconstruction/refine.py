@@ -24,6 +24,8 @@ from ..distributed import sharded_map
 from ..errors import VitqError
 from ..losses import kl_logits_loss, normalised
 from ..qmodules import QuantMode, set_mode
+from ..quantizers.kernels import compiled_kernels
+from .config import COMPILE, compiles
 from .optim import QuantizerOptimiser
 from .rounding import activation_quantizers, block_quant_modules, fold_learned_rounding, install_learned_rounding
 
@@ -48,8 +50,11 @@ class RefineConfig:
     learn_biases: bool = False      # also learn the quantized layers' float biases (learned bias correction)
     bias_lr: float = 1e-4           # Adam on those biases (group "bias"), cosine-annealed
     log_every: int = 10
+    compile_kernels: str = "auto"   # as ReconConfig.compile_kernels
 
     def __post_init__(self) -> None:
+        if self.compile_kernels not in COMPILE:
+            raise VitqError(f"refine compile_kernels must be one of {', '.join(COMPILE)}, got {self.compile_kernels!r}")
         if self.rounding not in ROUNDING:
             raise VitqError(f"refine rounding must be one of {', '.join(ROUNDING)}, got {self.rounding!r}")
         if min(self.iters, self.batch_size, 1 if self.optim_size is None else self.optim_size, self.log_every) <= 0:
@@ -129,7 +134,8 @@ def refine_end_to_end(model: nn.Module, images: torch.Tensor, teacher: torch.Ten
     kl_v = round_v = 0.0
     history: dict[str, list[float]] = {"iteration": [], "kl": [], "round": []}
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            compiled_kernels(compiles(cfg.compile_kernels, cfg.iters)):
         torch.manual_seed(stage_seed)  # QDrop draws
         bar = tqdm(range(cfg.iters), desc="refine end to end", unit="it", disable=not progress, leave=False)
         for it in bar:
