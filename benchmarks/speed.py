@@ -168,8 +168,9 @@ def measure_e2e(path: str) -> dict:
     out: dict = {"load_avg_start": os.getloadavg()[0]}
     if path != "reference":  # the cost model's prediction, before the run, as the CLI prints it
         t0 = time.perf_counter()
-        est = estimate_reconstruction(copy.deepcopy(fp), pool, recipe.reconstruction)
-        out.update(predicted_reconstruction_s=est.seconds, estimate_cost_s=time.perf_counter() - t0)
+        est = estimate_reconstruction(copy.deepcopy(fp), pool, recipe.reconstruction, spec=recipe.quant_spec())
+        out.update(predicted_reconstruction_s=est.seconds, estimate_cost_s=time.perf_counter() - t0,
+                   predicted_iteration_ratio=est.iter_ratio)
     model = copy.deepcopy(fp)
     t0 = time.perf_counter()
     with reference_kernels(path == "reference"):

@@ -11,7 +11,8 @@ from vitq.quantizers import AdaRoundQuantizer, LogQuantizer, UniformQuantizer
 from vitq.quantizers import kernels
 from vitq.quantizers.kernels import compiled_kernels, reference_kernels
 from vitq.reconstruction import ReconConfig
-from vitq.reconstruction.cost import estimate_reconstruction
+from vitq.qmodules import QuantModule
+from vitq.reconstruction.cost import SNAP_RATIO, estimate_reconstruction
 from vitq.errors import VitqError
 
 
@@ -113,18 +114,41 @@ def test_a_nan_loss_is_caught_within_log_every_iterations(monkeypatch):
                       progress=False, device="cpu", reconstruction={"optim_size": 16, "iters": 40, "log_every": 5})
 
 
-def test_cost_estimate_covers_every_block_and_scales_with_iterations():
+@pytest.fixture
+def one_thread():
+    # the floors of a tiny model are a millisecond: with two OpenMP threads and another process on
+    # a core, a barrier wait can stretch one 30x, so this test times with one thread
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_cost_estimate_covers_every_block_and_scales_with_iterations(one_thread):
+    def cfg(iters: int) -> ReconConfig:  # eager kernels: the compiled path would compile for seconds here
+        return ReconConfig(iters=iters, rank=2, optim_size=32, batch_size=8, compile_kernels="off")
+
     model = tiny_vit()
     images = torch.randn(32, 3, 32, 32)
     flags = [p.requires_grad for p in model.parameters()]
-    short = estimate_reconstruction(model, images, ReconConfig(iters=100, rank=2, optim_size=32, batch_size=8))
+    short = estimate_reconstruction(model, images, cfg(100))
     assert set(short.per_block) == {"patch_embed", "blocks.0", "blocks.1", "head"}
     assert all(f["iteration_s"] > 0 for f in short.floors.values())
     assert short.floors["head"]["snapshot_s"] == 0 and short.floors["blocks.0"]["snapshot_s"] > 0
     assert [p.requires_grad for p in model.parameters()] == flags
-    long = estimate_reconstruction(model, images, ReconConfig(iters=1000, rank=2, optim_size=32, batch_size=8))
+    # the engine's iteration ratio is measured on the inner block with the largest floor ...
+    assert short.ratio_block == max(("blocks.0", "blocks.1", "patch_embed"),
+                                    key=lambda n: short.floors[n]["iteration_s"])
+    assert short.iter_ratio > 1.0  # fake quantization, QDrop and the optimiser cost more than the float step
+    assert not any(isinstance(m, QuantModule) for m in model.modules())  # ... on a copy
+    long = estimate_reconstruction(model, images, cfg(1000), iter_ratio=short.iter_ratio)
     assert long.seconds > 3 * short.seconds  # iterations dominate; floors are timed anew, so not exactly 10x
     assert "about" in long.describe()
+    # ... or given, and then the estimate is the formula itself
+    given = estimate_reconstruction(model, images, cfg(100), iter_ratio=2.5)
+    assert given.ratio_block is None and given.iter_ratio == 2.5
+    expected = sum(100 * 2.5 * f["iteration_s"] + 2 * SNAP_RATIO * f["snapshot_s"] for f in given.floors.values())
+    assert given.seconds == pytest.approx(expected, rel=1e-12)
 
 
 def test_fast_fake_quant_scale_gradient_alone_equals_the_reference():

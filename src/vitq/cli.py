@@ -424,10 +424,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if recipe.reconstruction.iters >= ESTIMATE_FROM_ITERS:
             from .reconstruction.cost import estimate_reconstruction
 
-            est = estimate_reconstruction(model, calib, recipe.reconstruction, device)
+            est = estimate_reconstruction(model, calib, recipe.reconstruction, device, spec=recipe.quant_spec())
             report["estimated_reconstruction_s"] = est.seconds
+            report["estimated_iteration_ratio"] = est.iter_ratio
             print(f"reconstruction: {est.describe()} on this device ({len(est.per_block)} blocks x "
-                  f"{recipe.reconstruction.iters} iterations; benchmarks/speed.md)", flush=True)
+                  f"{recipe.reconstruction.iters} iterations; an iteration costs {est.iter_ratio:.1f}x the float "
+                  f"forward + backward of {est.ratio_block} here; benchmarks/speed.md)", flush=True)
         print(f"writing to {out}: if this run stops, the same command with --out {out} resumes it "
               "after the last finished block", flush=True)
     with stage(stages, "quantize", device):

@@ -7,28 +7,35 @@ The floors are plain PyTorch on the float model, measured on this device in a fe
 * snapshot floor of a block: forward from the block's output through the rest of the network
   to the logits and backward to the block output, over every optimisation image.
 
-A run costs ``sum over blocks of iters x ITER_RATIO x iteration floor + snapshots x SNAP_RATIO x
-snapshot floor``; the ratios are what the engine spends over the floors, measured by
-``benchmarks/speed.py`` on this CPU (speed.md) and used as defaults elsewhere.
+A run costs ``sum over blocks of iters x iteration ratio x iteration floor + snapshots x SNAP_RATIO
+x snapshot floor``. The iteration ratio, what the engine spends over the floor, depends on the
+machine far more than the floors' own ratios do (the same cifar10_vit block: 1.6x on an AVX2
+EPYC, 3.2x on an AVX-512 Xeon with the same kernels; benchmarks/speed.md), so it is measured too:
+a handful of real engine iterations on a minmax-calibrated copy of the block with the largest
+floor, on the kernel path the run will take (compiled kernels are compiled here once and reused
+by the run). ``SNAP_RATIO`` (snapshots are mostly a float forward + backward) stays a constant.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 
-from ..adapters import forward_after, is_head_block, reconstruction_blocks
-from ..qmodules import QuantMode, set_mode
+from ..adapters import QuantSpec, forward_after, is_head_block, prepare, reconstruction_blocks
+from ..qmodules import QuantMode, QuantModule, set_mode
+from ..quantizers.kernels import compiled_kernels
 from .capture import capture_block_input
-from .config import FISHER_LOSSES, ReconConfig
+from .config import FISHER_LOSSES, ReconConfig, compiles
 
-# Engine time over the floors (benchmarks/speed.md, cifar10_vit and deit_small blocks on this CPU)
-ITER_RATIO = 2.0
+# Snapshot time over its floor (benchmarks/speed.md: 0.9-1.5x on cifar10_vit and deit_small blocks)
 SNAP_RATIO = 1.1
+# engine iterations timed for the iteration ratio: the difference of two runs cancels their setup
+RATIO_ITERS = (2, 6)
+RATIO_REPEATS = 3
 
 
 @dataclass
@@ -38,6 +45,8 @@ class RunEstimate:
     seconds: float
     per_block: dict[str, float] = field(default_factory=dict)
     floors: dict[str, dict[str, float]] = field(default_factory=dict)
+    iter_ratio: float = 0.0          # engine iteration over its floor
+    ratio_block: str | None = None   # the block it was measured on (None: given, not measured)
 
     def describe(self) -> str:
         """``about 3 h 10 min`` style text."""
@@ -91,14 +100,57 @@ def snapshot_floor(model: nn.Module, name: str, y: torch.Tensor, n_images: int, 
     return _timed(step, repeats, y.device) * n_images / len(y)
 
 
+def engine_iteration_seconds(model: nn.Module, name: str, images: torch.Tensor, cfg: ReconConfig,
+                             spec: QuantSpec | None, device: torch.device) -> float:
+    """Seconds of one engine iteration of block ``name`` on a minmax-calibrated copy of ``model``
+    (prepared with ``spec`` unless it already is), on the kernel path ``cfg`` gives the run.
+
+    The loss is plain MSE (a Fisher loss's extra per iteration is a few elementwise ops; its
+    snapshots are estimated apart) and no method extension runs.
+    """
+    from ..calibration import CalibConfig, calibrate
+    from .block import reconstruct_block
+
+    twin = copy.deepcopy(model)
+    if not any(isinstance(m, QuantModule) for m in twin.modules()):
+        prepare(twin, spec)
+    x_img = images[: 2 * cfg.batch_size].to(device)
+    calibrate(twin, x_img, CalibConfig(method="minmax", reparam=False), device, progress=False)
+    set_mode(twin, QuantMode.FLOAT)
+    block = twin.get_submodule(name)
+    x = capture_block_input(twin, name, block, x_img, cfg.batch_size, device, device)
+
+    def run(iters: int) -> float:
+        trial = copy.deepcopy(twin)
+        short = replace(cfg, loss="mse", iters=iters, global_weight=0.0, log_every=max(iters, 1))
+        gen = torch.Generator().manual_seed(0)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            reconstruct_block(trial, name, trial.get_submodule(name), x, x, None, short, device, gen, progress=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - t0
+
+    with compiled_kernels(compiles(cfg.compile_kernels, cfg.iters)):
+        run(1)  # warm-up: allocations, and the one-off compilation the run then reuses
+        # the best of a few runs of each length: one slow run (another process on the core) would
+        # otherwise put its delay into the difference
+        short, long = (min(run(n) for _ in range(RATIO_REPEATS)) for n in RATIO_ITERS)
+    return max(long - short, 0.0) / (RATIO_ITERS[1] - RATIO_ITERS[0])
+
+
 def estimate_reconstruction(model: nn.Module, images: torch.Tensor, cfg: ReconConfig,
-                            device: torch.device | str = "cpu", iter_ratio: float = ITER_RATIO,
-                            snap_ratio: float = SNAP_RATIO) -> RunEstimate:
+                            device: torch.device | str = "cpu", iter_ratio: float | None = None,
+                            snap_ratio: float = SNAP_RATIO, spec: QuantSpec | None = None) -> RunEstimate:
     """Predict the reconstruction time of ``model`` (float or prepared) with ``cfg`` on ``device``.
 
     Uses ``cfg.batch_size`` of ``images`` to measure the floors of every block on ``device``
-    (the model is moved there, as :func:`vitq.quantize` does); leaves the model's modes as FLOAT
-    and its parameters' ``requires_grad`` as they were.
+    (the model is moved there, as :func:`vitq.quantize` does) and, unless ``iter_ratio`` is given,
+    the engine's own iteration on the block with the largest floor (a copy prepared with the run's
+    ``spec``); leaves the model's modes as FLOAT and its parameters' ``requires_grad`` as they were.
     """
     device = torch.device(device)
     model.to(device)
@@ -112,17 +164,23 @@ def estimate_reconstruction(model: nn.Module, images: torch.Tensor, cfg: ReconCo
     try:
         for name, block in reconstruction_blocks(model):
             x = capture_block_input(model, name, block, x_img, cfg.batch_size, device, device)
-            it_floor = iteration_floor(block, x)
             snap = 0.0
             if snaps and not is_head_block(model, name):
                 with torch.no_grad():
                     y = block(x)
                 snap = snapshot_floor(model, name, y, cfg.optim_size)
-            seconds = cfg.iters * iter_ratio * it_floor + snaps * snap_ratio * snap
-            est.floors[name] = {"iteration_s": it_floor, "snapshot_s": snap}
-            est.per_block[name] = seconds
-            est.seconds += seconds
+            est.floors[name] = {"iteration_s": iteration_floor(block, x), "snapshot_s": snap}
+        if iter_ratio is None:
+            inner = [n for n in est.floors if not is_head_block(model, n)] or list(est.floors)
+            est.ratio_block = max(inner, key=lambda n: est.floors[n]["iteration_s"])
+            engine = engine_iteration_seconds(model, est.ratio_block, images, cfg, spec, device)
+            iter_ratio = engine / est.floors[est.ratio_block]["iteration_s"]
+        est.iter_ratio = iter_ratio
+        for name, f in est.floors.items():
+            est.per_block[name] = cfg.iters * iter_ratio * f["iteration_s"] + snaps * snap_ratio * f["snapshot_s"]
+            est.seconds += est.per_block[name]
     finally:
+        set_mode(model, QuantMode.FLOAT)
         for p, flag in flags:
             p.requires_grad_(flag)
     return est
