@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -28,11 +28,13 @@ from .rounding import activation_quantizers, block_quant_modules, install_learne
 def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor,
                       targets: torch.Tensor | None, cfg: ReconConfig, device: torch.device, gen: torch.Generator,
                       progress: bool = True, desc: str = "", extension: BlockExtension | None = None,
-                      features: torch.Tensor | None = None) -> dict[str, Any]:
+                      features: torch.Tensor | None = None,
+                      on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Optimise one block (rounding variables and activation-quantizer parameters); returns its summary.
 
     ``features``: the float model's penultimate features of the optimisation images, for the
     global term (``cfg.global_weight`` > 0; not for the head block, whose loss is already global).
+    ``on_step(it)`` is called after each optimiser step (the cost model times iterations with it).
 
     On return the block's weight quantizers hold their final (hard) learned rounding and every
     quantizer of the block is frozen in eval mode.
@@ -156,6 +158,8 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
             reg = cfg.round_lambda * sum(q.round_loss(beta) for q in installed)
         loss = share * objective + reg / world  # one process: share 1, world 1, exactly objective + reg
         optimiser.step(loss)
+        if on_step is not None:
+            on_step(it)
         # the losses are read (a host sync on a GPU) and checked only every log_every iterations;
         # a NaN stays NaN through Adam, so it is still caught within log_every iterations
         if it % cfg.log_every == 0 or it == cfg.iters - 1:

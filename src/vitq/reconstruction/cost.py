@@ -19,6 +19,7 @@ by the run). ``SNAP_RATIO`` (snapshots are mostly a float forward + backward) st
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from dataclasses import dataclass, field, replace
 
@@ -33,9 +34,8 @@ from .config import FISHER_LOSSES, ReconConfig, compiles
 
 # Snapshot time over its floor (benchmarks/speed.md: 0.9-1.5x on cifar10_vit and deit_small blocks)
 SNAP_RATIO = 1.1
-# engine iterations timed for the iteration ratio: the difference of two runs cancels their setup
-RATIO_ITERS = (2, 6)
-RATIO_REPEATS = 3
+# engine iterations timed for the iteration ratio (the median of their steps)
+RATIO_ITERS = 9
 
 
 @dataclass
@@ -100,10 +100,11 @@ def snapshot_floor(model: nn.Module, name: str, y: torch.Tensor, n_images: int, 
     return _timed(step, repeats, y.device) * n_images / len(y)
 
 
-def engine_iteration_seconds(model: nn.Module, name: str, images: torch.Tensor, cfg: ReconConfig,
-                             spec: QuantSpec | None, device: torch.device) -> float:
-    """Seconds of one engine iteration of block ``name`` on a minmax-calibrated copy of ``model``
-    (prepared with ``spec`` unless it already is), on the kernel path ``cfg`` gives the run.
+def engine_iteration_ratio(model: nn.Module, name: str, images: torch.Tensor, cfg: ReconConfig,
+                           spec: QuantSpec | None, device: torch.device) -> float:
+    """One engine iteration of block ``name`` over that block's iteration floor, both timed back to
+    back (so they share the machine's load) on a minmax-calibrated copy of ``model`` (prepared with
+    ``spec`` unless it already is), on the kernel path ``cfg`` gives the run.
 
     The loss is plain MSE (a Fisher loss's extra per iteration is a few elementwise ops; its
     snapshots are estimated apart) and no method extension runs.
@@ -120,26 +121,29 @@ def engine_iteration_seconds(model: nn.Module, name: str, images: torch.Tensor, 
     block = twin.get_submodule(name)
     x = capture_block_input(twin, name, block, x_img, cfg.batch_size, device, device)
 
-    def run(iters: int) -> float:
+    def run(iters: int) -> list[float]:
+        """The wall time at the end of each optimiser step of an ``iters``-iteration run."""
         trial = copy.deepcopy(twin)
         short = replace(cfg, loss="mse", iters=iters, global_weight=0.0, log_every=max(iters, 1))
-        gen = torch.Generator().manual_seed(0)
+        stamps: list[float] = []
+
+        def stamp(_it: int) -> None:
+            if device.type == "cuda":  # the step is queued: wait for it
+                torch.cuda.synchronize(device)
+            stamps.append(time.perf_counter())
+
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(0)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            reconstruct_block(trial, name, trial.get_submodule(name), x, x, None, short, device, gen, progress=False)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return time.perf_counter() - t0
+            reconstruct_block(trial, name, trial.get_submodule(name), x, x, None, short, device,
+                              torch.Generator().manual_seed(0), progress=False, on_step=stamp)
+        return stamps
 
     with compiled_kernels(compiles(cfg.compile_kernels, cfg.iters)):
         run(1)  # warm-up: allocations, and the one-off compilation the run then reuses
-        # the best of a few runs of each length: one slow run (another process on the core) would
-        # otherwise put its delay into the difference
-        short, long = (min(run(n) for _ in range(RATIO_REPEATS)) for n in RATIO_ITERS)
-    return max(long - short, 0.0) / (RATIO_ITERS[1] - RATIO_ITERS[0])
+        stamps = run(RATIO_ITERS)
+    # the median step: robust to a step slowed by another process on the core (or a log step)
+    engine = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+    return engine / iteration_floor(block, x[: cfg.batch_size], repeats=5)
 
 
 def estimate_reconstruction(model: nn.Module, images: torch.Tensor, cfg: ReconConfig,
@@ -173,8 +177,7 @@ def estimate_reconstruction(model: nn.Module, images: torch.Tensor, cfg: ReconCo
         if iter_ratio is None:
             inner = [n for n in est.floors if not is_head_block(model, n)] or list(est.floors)
             est.ratio_block = max(inner, key=lambda n: est.floors[n]["iteration_s"])
-            engine = engine_iteration_seconds(model, est.ratio_block, images, cfg, spec, device)
-            iter_ratio = engine / est.floors[est.ratio_block]["iteration_s"]
+            iter_ratio = engine_iteration_ratio(model, est.ratio_block, images, cfg, spec, device)
         est.iter_ratio = iter_ratio
         for name, f in est.floors.items():
             est.per_block[name] = cfg.iters * iter_ratio * f["iteration_s"] + snaps * snap_ratio * f["snapshot_s"]
