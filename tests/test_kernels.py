@@ -140,6 +140,7 @@ def test_cost_estimate_covers_every_block_and_scales_with_iterations(one_thread)
     assert short.ratio_block == max(("blocks.0", "blocks.1", "patch_embed"),
                                     key=lambda n: short.floors[n]["iteration_s"])
     assert short.iter_ratio > 1.0  # fake quantization, QDrop and the optimiser cost more than the float step
+    assert short.snap_ratio > 1.0  # a snapshot also runs the quantized block, which its floor does not
     assert not any(isinstance(m, QuantModule) for m in model.modules())  # ... on a copy
     long = estimate_reconstruction(model, images, cfg(1000), iter_ratio=short.iter_ratio)
     assert long.seconds > 3 * short.seconds  # iterations dominate; floors are timed anew, so not exactly 10x

@@ -427,6 +427,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             est = estimate_reconstruction(model, calib, recipe.reconstruction, device, spec=recipe.quant_spec())
             report["estimated_reconstruction_s"] = est.seconds
             report["estimated_iteration_ratio"] = est.iter_ratio
+            report["estimated_snapshot_ratio"] = est.snap_ratio
             print(f"reconstruction: {est.describe()} on this device ({len(est.per_block)} blocks x "
                   f"{recipe.reconstruction.iters} iterations; an iteration costs {est.iter_ratio:.1f}x the float "
                   f"forward + backward of {est.ratio_block} here; benchmarks/speed.md)", flush=True)

@@ -7,13 +7,14 @@ The floors are plain PyTorch on the float model, measured on this device in a fe
 * snapshot floor of a block: forward from the block's output through the rest of the network
   to the logits and backward to the block output, over every optimisation image.
 
-A run costs ``sum over blocks of iters x iteration ratio x iteration floor + snapshots x SNAP_RATIO
-x snapshot floor``. The iteration ratio, what the engine spends over the floor, depends on the
-machine far more than the floors' own ratios do (the same cifar10_vit block: 1.6x on an AVX2
-EPYC, 3.2x on an AVX-512 Xeon with the same kernels; benchmarks/speed.md), so it is measured too:
-a handful of real engine iterations on a minmax-calibrated copy of the block with the largest
-floor, on the kernel path the run will take (compiled kernels are compiled here once and reused
-by the run). ``SNAP_RATIO`` (snapshots are mostly a float forward + backward) stays a constant.
+A run costs ``sum over blocks of iters x iteration ratio x iteration floor + snapshots x snapshot
+ratio x snapshot floor``. The ratios, what the engine spends over the floors, depend on the
+machine far more than the floors do (the same cifar10_vit block: 1.6x on an AVX2 EPYC, 3.2x on an
+AVX-512 Xeon with the same kernels; benchmarks/speed.md), so they are measured too: a handful of
+real engine iterations and one snapshot over a few images on a minmax-calibrated copy of the
+block with the largest floor, on the kernel path the run will take (compiled kernels are
+compiled here once and reused by the run). ``SNAP_RATIO`` is the snapshot ratio used when the
+iteration ratio is given instead of measured.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from ..quantizers.kernels import compiled_kernels
 from .capture import capture_block_input
 from .config import FISHER_LOSSES, ReconConfig, compiles
 
-# Snapshot time over its floor (benchmarks/speed.md: 0.9-1.5x on cifar10_vit and deit_small blocks)
+# Snapshot time over its floor when not measured (benchmarks/speed.md: 1.0-1.5x on cifar10_vit and
+# deit_small blocks)
 SNAP_RATIO = 1.1
 # engine iterations timed for the iteration ratio (the median of their steps)
 RATIO_ITERS = 9
@@ -46,7 +48,8 @@ class RunEstimate:
     per_block: dict[str, float] = field(default_factory=dict)
     floors: dict[str, dict[str, float]] = field(default_factory=dict)
     iter_ratio: float = 0.0          # engine iteration over its floor
-    ratio_block: str | None = None   # the block it was measured on (None: given, not measured)
+    snap_ratio: float = 0.0          # engine snapshot over its floor
+    ratio_block: str | None = None   # the block both were measured on (None: given, not measured)
 
     def describe(self) -> str:
         """``about 3 h 10 min`` style text."""
@@ -100,17 +103,20 @@ def snapshot_floor(model: nn.Module, name: str, y: torch.Tensor, n_images: int, 
     return _timed(step, repeats, y.device) * n_images / len(y)
 
 
-def engine_iteration_ratio(model: nn.Module, name: str, images: torch.Tensor, cfg: ReconConfig,
-                           spec: QuantSpec | None, device: torch.device) -> float:
-    """One engine iteration of block ``name`` over that block's iteration floor, both timed back to
-    back (so they share the machine's load) on a minmax-calibrated copy of ``model`` (prepared with
-    ``spec`` unless it already is), on the kernel path ``cfg`` gives the run.
+def engine_ratios(model: nn.Module, name: str, images: torch.Tensor, cfg: ReconConfig,
+                  spec: QuantSpec | None, device: torch.device, snapshots: bool) -> tuple[float, float | None]:
+    """(engine iteration / iteration floor, engine snapshot / snapshot floor or None) of block ``name``,
+    each pair timed back to back (so they share the machine's load) on a minmax-calibrated copy of
+    ``model`` (prepared with ``spec`` unless it already is), on the kernel path ``cfg`` gives the run.
 
-    The loss is plain MSE (a Fisher loss's extra per iteration is a few elementwise ops; its
-    snapshots are estimated apart) and no method extension runs.
+    The iterations use plain MSE (a Fisher loss's extra per iteration is a few elementwise ops)
+    and no method extension; the snapshot covers ``2 x batch_size`` images with QDrop on, as in a
+    run (a snapshot also runs the quantized block, which its floor does not).
     """
     from ..calibration import CalibConfig, calibrate
     from .block import reconstruct_block
+    from .fisher import _take_snapshot
+    from .rounding import activation_quantizers, block_quant_modules
 
     twin = copy.deepcopy(model)
     if not any(isinstance(m, QuantModule) for m in twin.modules()):
@@ -141,9 +147,22 @@ def engine_iteration_ratio(model: nn.Module, name: str, images: torch.Tensor, cf
     with compiled_kernels(compiles(cfg.compile_kernels, cfg.iters)):
         run(1)  # warm-up: allocations, and the one-off compilation the run then reuses
         stamps = run(RATIO_ITERS)
-    # the median step: robust to a step slowed by another process on the core (or a log step)
-    engine = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
-    return engine / iteration_floor(block, x[: cfg.batch_size], repeats=5)
+        # the median step: robust to a step slowed by another process on the core (or a log step)
+        engine = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+        it_ratio = engine / iteration_floor(block, x[: cfg.batch_size], repeats=5)
+        if not snapshots:
+            return it_ratio, None
+        with torch.no_grad():
+            y_fp = block(x)
+            targets = torch.softmax(twin(x_img) / cfg.temperature, -1)
+        for m in block_quant_modules(block):
+            m.mode = QuantMode.QUANT
+        for q in activation_quantizers(block):
+            q.train()
+            q.set_qdrop(cfg.drop_prob if cfg.snapshot_qdrop else 1.0)
+        snap = _timed(lambda: _take_snapshot(twin, name, block, x, y_fp, targets, cfg, device, None), 2, device)
+        set_mode(twin, QuantMode.FLOAT)
+        return it_ratio, snap / snapshot_floor(twin, name, y_fp, len(x))
 
 
 def estimate_reconstruction(model: nn.Module, images: torch.Tensor, cfg: ReconConfig,
@@ -153,8 +172,9 @@ def estimate_reconstruction(model: nn.Module, images: torch.Tensor, cfg: ReconCo
 
     Uses ``cfg.batch_size`` of ``images`` to measure the floors of every block on ``device``
     (the model is moved there, as :func:`vitq.quantize` does) and, unless ``iter_ratio`` is given,
-    the engine's own iteration on the block with the largest floor (a copy prepared with the run's
-    ``spec``); leaves the model's modes as FLOAT and its parameters' ``requires_grad`` as they were.
+    the engine's own iteration and snapshot on the block with the largest floor (a copy prepared
+    with the run's ``spec``; ``snap_ratio`` then applies only to a loss without snapshots); leaves
+    the model's modes as FLOAT and its parameters' ``requires_grad`` as they were.
     """
     device = torch.device(device)
     model.to(device)
@@ -177,8 +197,10 @@ def estimate_reconstruction(model: nn.Module, images: torch.Tensor, cfg: ReconCo
         if iter_ratio is None:
             inner = [n for n in est.floors if not is_head_block(model, n)] or list(est.floors)
             est.ratio_block = max(inner, key=lambda n: est.floors[n]["iteration_s"])
-            iter_ratio = engine_iteration_ratio(model, est.ratio_block, images, cfg, spec, device)
-        est.iter_ratio = iter_ratio
+            iter_ratio, measured_snap = engine_ratios(model, est.ratio_block, images, cfg, spec, device,
+                                                      snaps > 0 and not is_head_block(model, est.ratio_block))
+            snap_ratio = measured_snap if measured_snap is not None else snap_ratio
+        est.iter_ratio, est.snap_ratio = iter_ratio, snap_ratio
         for name, f in est.floors.items():
             est.per_block[name] = cfg.iters * iter_ratio * f["iteration_s"] + snaps * snap_ratio * f["snapshot_s"]
             est.seconds += est.per_block[name]
