@@ -3,6 +3,7 @@
     python benchmarks/distributed.py                   # all three layouts (about 45 min on 2 cores)
     python benchmarks/distributed.py --layouts 2x1     # one of them
     python benchmarks/distributed.py --layouts --memory  # the memory formula only (minutes)
+    python benchmarks/distributed.py --layouts --iteration  # one block's iteration per layout, profiled
 
 Each layout runs the CLI exactly as a user would, ``cifar10_vit`` W3A3 ``fimaq`` at 500 iterations
 per block, seed 0, evaluated on the 10,000 CIFAR-10 test images:
@@ -97,6 +98,65 @@ print(json.dumps({"rss_before_mb": rss, "peak_mb": _peak_rss_mb()}))
 """
 
 
+ITERATION = """
+import copy, json, statistics, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+import speed  # benchmarks/speed.py: the minmax-calibrated cifar10_vit block it times
+from torch.profiler import ProfilerActivity, profile
+from vitq import distributed
+from vitq.quantizers.kernels import compiled_kernels
+from vitq.reconstruction import ReconConfig, reconstruct_block
+iters = int(sys.argv[2])
+device = distributed.init_from_env(torch.device("cpu"))
+with distributed.active(), compiled_kernels():
+    model, name, x, targets = speed.block_setup("cifar10_vit")
+    def run(n, on_step=None):
+        m = copy.deepcopy(model)
+        reconstruct_block(m, name, m.get_submodule(name), x, x, targets, ReconConfig(loss="mse", iters=n),
+                          device, torch.Generator().manual_seed(0), progress=False, on_step=on_step)
+    run(3)  # compiles
+    stamps = []
+    # recorded from the second step on: the block's setup (float targets) and first step are left out
+    with profile(activities=[ProfilerActivity.CPU], acc_events=True,
+                 schedule=torch.profiler.schedule(wait=0, warmup=1, active=iters - 3, repeat=1)) as prof:
+        run(iters, lambda it: (stamps.append(time.perf_counter()), prof.step()))
+    step = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+    ops = {}
+    for e in prof.key_averages():
+        ops[e.key] = ops.get(e.key, 0.0) + e.self_cpu_time_total / 1e6
+    total = sum(ops.values())
+    groups = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "qdrop draws": ("aten::uniform_",),
+              "all-reduce": ("gloo:all_reduce", "c10d::allreduce_", "record_param_comms")}
+    shares = {g: sum(v for k, v in ops.items() if k in keys) / total for g, keys in groups.items()}
+    shares["fused fake-quant kernels"] = sum(v for k, v in ops.items() if "CompiledFxGraph" in k) / total
+    out = distributed.gather_objects({"step_s": step, "shares": shares})
+    if distributed.is_main():
+        print("RESULT " + json.dumps(out))
+distributed.shutdown()
+"""
+
+
+def measure_iteration(layout: str, iters: int = 40) -> dict:
+    """One reconstruction iteration of cifar10_vit blocks.1 (batch 32, compiled kernels) in ``layout``:
+    the median step time of each rank and where the profiled time goes."""
+    procs, threads = LAYOUTS[layout]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
+    script = ["-c", ITERATION, str(HERE), str(iters)]
+    if procs == 1:
+        argv = [sys.executable, *script]
+    else:  # torchrun runs a script file, not -c
+        worker = ROOT / "runs" / "iteration_worker.py"
+        worker.parent.mkdir(parents=True, exist_ok=True)
+        worker.write_text(ITERATION)
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
+                str(worker), str(HERE), str(iters)]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{layout} iteration failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return {"ranks": json.loads(line[len("RESULT "):]), "iters": iters}
+
+
 def measure_memory() -> dict:
     import timm
     import torch
@@ -166,6 +226,22 @@ def summarise(r: dict) -> str:
                 a, b = mem[name][f"{world}x_memory"], mem[name][f"{world}x_disk"]
                 lines.append(f"| {name} | {world} | {a['total_mib'] / 1024:.2f} GiB | {b['total_mib'] / 1024:.2f} GiB "
                              f"| {a['largest_block']} |")
+    its = r.get("iteration")
+    if its:
+        one = its.get("1x1", {}).get("ranks", [{}])[0].get("step_s")
+        lines += ["", "## One reconstruction iteration", "",
+                  "`cifar10_vit` blocks.1, global batch 32, compiled kernels, QDrop on (`python benchmarks/distributed.py "
+                  "--layouts --iteration`): the median step of each rank, and rank 0's profiled time of the steps by "
+                  "kind (self CPU time).", "",
+                  "| layout | step ms per rank | vs 1x1 | matmul | QDrop draws | fused fake-quant | all-reduce |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, row in its.items():
+            steps = [rk["step_s"] for rk in row["ranks"]]
+            sh = row["ranks"][0]["shares"]
+            lines.append(f"| {name} | {' / '.join(f'{1e3 * t:.1f}' for t in steps)} | "
+                         f"{one / max(steps):.2f}x | {100 * sh['matmul']:.0f}% | {100 * sh['qdrop draws']:.0f}% | "
+                         f"{100 * sh['fused fake-quant kernels']:.0f}% | {100 * sh['all-reduce']:.1f}% |"
+                         if one else f"| {name} | {steps} | - | - | - | - | - |")
     if r.get("notes"):
         lines += ["", "## Reading the numbers", "", r["notes"]]
     return "\n".join(lines) + "\n"
@@ -176,6 +252,8 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--work", type=Path, default=ROOT / "runs")
     ap.add_argument("--memory", action="store_true", help="also the memory formula check and table")
+    ap.add_argument("--iteration", action="store_true",
+                    help="also one block's reconstruction iteration in each layout, profiled (minutes)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from vitq.data import atomic_write_bytes
@@ -190,6 +268,12 @@ def main() -> None:
         atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
         atomic_write_bytes(HERE / "distributed.md", lambda fh: fh.write(summarise(r).encode()))
         print(layout, r["layouts"][layout], flush=True)
+    if args.iteration:
+        for layout in LAYOUTS:
+            r.setdefault("iteration", {})[layout] = measure_iteration(layout)
+            atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
+            atomic_write_bytes(HERE / "distributed.md", lambda fh: fh.write(summarise(r).encode()))
+            print(layout, r["iteration"][layout], flush=True)
     if args.memory:
         r["memory"] = measure_memory()
         atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
