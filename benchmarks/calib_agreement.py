@@ -56,15 +56,20 @@ def calibrated_state(fp: torch.nn.Module, n: int, seed: int, bits: int, work: Pa
 
 
 @torch.no_grad()
-def predictions(model: torch.nn.Module, state: dict, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    model.load_state_dict(state)
-    set_mode(model, QuantMode.QUANT)
+def predict(model: torch.nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-1 classes, labels) of ``model`` as it is over ``loader``."""
     model.eval()
     preds, labels = [], []
     for x, y in loader:
         preds.append(model(x).argmax(1))
         labels.append(y)
     return torch.cat(preds), torch.cat(labels)
+
+
+def predictions(model: torch.nn.Module, state: dict, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    model.load_state_dict(state)
+    set_mode(model, QuantMode.QUANT)
+    return predict(model, loader)
 
 
 def pair_stats(pa: torch.Tensor, pb: torch.Tensor, y: torch.Tensor) -> dict:

@@ -45,6 +45,7 @@ from vitq.data import (ArrayImageDataset, atomic_write_bytes, build_dataset, fix
                        make_loader, resolve_data)
 from vitq.models import eval_transform  # noqa: E402
 from vitq.report import machine, versions  # noqa: E402
+from calib_agreement import predict  # noqa: E402  (benchmarks/, the script's own folder)
 
 HERE = Path(__file__).resolve().parent
 SEEDS = range(5)
@@ -70,16 +71,6 @@ def loaders(fp: torch.nn.Module) -> dict:
             "heldout": make_loader(ArrayImageDataset(images[idx], labels[idx], tf), EVAL_BATCH)}
 
 
-@torch.no_grad()
-def predictions(model: torch.nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    model.eval()
-    preds, labels = [], []
-    for x, y in loader:
-        preds.append(model(x).argmax(1))
-        labels.append(y)
-    return torch.cat(preds), torch.cat(labels)
-
-
 def run_cell(fp: torch.nn.Module, loads: dict, bits: int, seed: int, work: Path) -> None:
     """Calibrate `mse` at W{bits}A{bits} on seed's subset (as calibration.py does) and cache the predictions."""
     path = work / f"mse-w{bits}-s{seed}.pt"
@@ -92,7 +83,7 @@ def run_cell(fp: torch.nn.Module, loads: dict, bits: int, seed: int, work: Path)
     seconds = time.perf_counter() - t0
     out = {"seconds": seconds}
     for split, loader in loads.items():
-        out[split] = predictions(model, loader)
+        out[split] = predict(model, loader)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, lambda fh: torch.save(out, fh))
     print(f"W{bits}A{bits} seed {seed}: test {100 * (out['test'][0] == out['test'][1]).float().mean():.2f} "
