@@ -202,19 +202,19 @@ def fake_quant_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
 
 # ---- AdaRound: the soft weight and the rounding regulariser (adaround.py)
 
-def _rectified_sigmoid(alpha: torch.Tensor, zeta: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h, d h / d alpha, [h strictly inside (0, 1)]) of ``h = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1)``."""
+def _rectified_sigmoid(alpha: torch.Tensor, zeta: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, d h / d alpha) of ``h = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1)`` (0 where clamped)."""
     sig = torch.sigmoid(alpha)
     raw = sig * (zeta - gamma) + gamma
     inside = ((raw > 0) & (raw < 1)).to(alpha.dtype)
-    return raw.clamp(0, 1), sig * (1 - sig) * (zeta - gamma) * inside, inside
+    return raw.clamp(0, 1), sig * (1 - sig) * (zeta - gamma) * inside
 
 
 def _adaround_parts(w: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                     qmin: int, qmax: int, zeta: float, gamma: float, need_w: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(soft weight, d w_hat / d alpha, straight-through d w_hat / d w or None)."""
-    h, dh, _ = _rectified_sigmoid(alpha, zeta, gamma)
+    h, dh = _rectified_sigmoid(alpha, zeta, gamma)
     t = torch.floor(w / scale) + h + zero_point
     q = t.clamp(qmin, qmax)
     grad_alpha = dh * ((t > qmin) & (t < qmax)).to(w.dtype) * scale
@@ -228,7 +228,7 @@ def _adaround_parts(w: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor, z
 def _round_loss_parts(alpha: torch.Tensor, beta: torch.Tensor, zeta: float, gamma: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(``sum(1 - |2h - 1|^beta)``, its gradient to alpha); ``beta`` a 0-d tensor (no recompile per value)."""
-    h, dh, _ = _rectified_sigmoid(alpha, zeta, gamma)
+    h, dh = _rectified_sigmoid(alpha, zeta, gamma)
     d = 2 * h - 1
     a = d.abs()
     p = a.pow(beta)
