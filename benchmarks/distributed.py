@@ -257,7 +257,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from vitq.data import atomic_write_bytes
-    from vitq.report import versions
+    from vitq.report import machine, versions
 
     path = HERE / "distributed.json"
     r = json.loads(path.read_text()) if path.is_file() else {}
@@ -271,6 +271,7 @@ def main() -> None:
     if args.iteration:
         for layout in LAYOUTS:
             r.setdefault("iteration", {})[layout] = measure_iteration(layout)
+            r["iteration_machine"] = machine()
             atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
             atomic_write_bytes(HERE / "distributed.md", lambda fh: fh.write(summarise(r).encode()))
             print(layout, r["iteration"][layout], flush=True)

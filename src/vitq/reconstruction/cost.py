@@ -9,8 +9,8 @@ The floors are plain PyTorch on the float model, measured on this device in a fe
 
 A run costs ``sum over blocks of iters x iteration ratio x iteration floor + snapshots x snapshot
 ratio x snapshot floor``. The ratios, what the engine spends over the floors, depend on the
-machine far more than the floors do (the same cifar10_vit block: 1.6x on an AVX2 EPYC, 3.2x on an
-AVX-512 Xeon with the same kernels; benchmarks/speed.md), so they are measured too: a handful of
+machine far more than the floors do (the same cifar10_vit block: 1.6x on an earlier session's CPU, 3.2x on
+an AVX-512 Xeon with the same kernels; benchmarks/speed.md), so they are measured too: a handful of
 real engine iterations and one snapshot over a few images on a minmax-calibrated copy of the
 block with the largest floor, on the kernel path the run will take (compiled kernels are
 compiled here once and reused by the run). ``SNAP_RATIO`` is the snapshot ratio used when the
