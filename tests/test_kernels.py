@@ -237,3 +237,25 @@ def test_a_failing_compiler_warns_once_and_runs_eagerly(monkeypatch):
     assert kernels.compile_status().startswith("eager (torch.compile failed: InvalidCxxCompiler")
     for a, b, c in zip(eager, fallback, again):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_the_run_summary_says_how_the_kernels_ran(monkeypatch):
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return call
+
+    data = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    opts = dict(w_bits=4, a_bits=4, calib_size=8, calibration={"eq_n": 8}, progress=False, device="cpu")
+    eager = vitq.quantize_with_summary(tiny_vit(), data, "qdrop", reconstruction={
+        "optim_size": 16, "iters": 2, "compile_kernels": "off"}, **opts)
+    assert {b["kernels"] for b in eager.reconstruction["blocks"]} == {"eager"}
+    monkeypatch.setattr(kernels, "_COMPILE_FAILED", None)
+    for fused in (kernels._fake_quant_fused, kernels._times_fused, kernels._adaround_fused, kernels._round_loss_fused):
+        monkeypatch.setattr(fused, "compiled", None)
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="running them eagerly"):
+        failed = vitq.quantize_with_summary(tiny_vit(), data, "qdrop", reconstruction={
+            "optim_size": 16, "iters": 2, "compile_kernels": "on"}, **opts)
+    assert all(b["kernels"].startswith("eager (torch.compile failed: InvalidCxxCompiler")
+               for b in failed.reconstruction["blocks"])

@@ -16,7 +16,7 @@ from ..adapters import is_head_block, reconstruction_blocks
 from ..distributed import sharded_map
 from ..errors import VitqError
 from ..qmodules import QuantMode, set_mode
-from ..quantizers.kernels import compiled_kernels
+from ..quantizers.kernels import compile_status, compiled_kernels
 from ..report import PeakMemory
 from . import checkpoint
 from .block import reconstruct_block
@@ -133,6 +133,7 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
                                         desc=f"block {index + 1}/{len(blocks)} {name}{eta}", extension=extension,
                                         features=features)
             summary["seconds"] = round(time.perf_counter() - t0, 3)
+            summary["kernels"] = compile_status()  # compiled, eager, or eager after a failed compile
             del x_fp, x_q
         summary.update(mem.summary())
         done.append(summary)

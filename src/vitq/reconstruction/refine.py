@@ -24,7 +24,7 @@ from ..distributed import sharded_map
 from ..errors import VitqError
 from ..losses import kl_logits_loss, normalised
 from ..qmodules import QuantMode, set_mode
-from ..quantizers.kernels import compiled_kernels
+from ..quantizers.kernels import compile_status, compiled_kernels
 from .config import COMPILE, compiles
 from .optim import QuantizerOptimiser
 from .rounding import activation_quantizers, block_quant_modules, fold_learned_rounding, install_learned_rounding
@@ -166,6 +166,7 @@ def refine_end_to_end(model: nn.Module, images: torch.Tensor, teacher: torch.Ten
                 history["round"].append(round_v)
                 bar.set_postfix(kl=f"{kl_v:.4f}")
         bar.close()
+        kernels = compile_status()
 
     for q in learned_rounding + act_qs:
         q.freeze_()
@@ -176,7 +177,7 @@ def refine_end_to_end(model: nn.Module, images: torch.Tensor, teacher: torch.Ten
     set_mode(model, QuantMode.QUANT)
     return {"iters": cfg.iters, "seconds": round(time.perf_counter() - t0, 3), "rounding": cfg.rounding,
             "initial_kl": ref, "final_kl_ratio": kl_v, "rounding_flips": flipped,
-            "rounding_layers": len(learned_rounding), "history": history}
+            "rounding_layers": len(learned_rounding), "kernels": kernels, "history": history}
 
 
 def _rounding_pairs(model: nn.Module) -> list[tuple[nn.Module, Any]]:
