@@ -124,7 +124,8 @@ def block_stage_key(c: dict) -> str:
 
 def recipe_of(c: dict):
     e = {**EXTRA, **c}
-    recipe = vitq.get_recipe(c["recipe"], w_bits=c["bits"], a_bits=c["bits"], seed=c["seed"], calibration=CALIB_SEARCH)
+    recipe = vitq.get_recipe(c["recipe"], w_bits=c["bits"], a_bits=c["bits"], seed=c["seed"], calib_size=128,
+                             calibration=CALIB_SEARCH)
     if recipe.reconstruction is not None:
         recipe = vitq.get_recipe(recipe, reconstruction={"iters": c["iters"], "global_weight": e["glob"],
                                                          "global_every": e["gevery"]})

@@ -104,7 +104,8 @@ def cell_key(c: dict) -> str:
 def run_cell(c: dict, fp_model, loader, work: Path) -> dict:
     """One cell through exactly the path ``vitq quantize`` takes (the same images, calibration,
     reconstruction and evaluation batch), so the CLI reproduces every number here."""
-    recipe = vitq.get_recipe(c["recipe"], w_bits=c["bits"], a_bits=c["bits"], seed=c["seed"],
+    # 128 calibration images for every row: the `mse` row is the calibration the others start from
+    recipe = vitq.get_recipe(c["recipe"], w_bits=c["bits"], a_bits=c["bits"], seed=c["seed"], calib_size=128,
                              calibration=CALIB_SEARCH[c.get("calib_search", "")] or None)
     if recipe.reconstruction is not None:
         recon = {"iters": c["iters"], **{k: c[k] for k in ("rank", "lowrank_form") if k in c}}
