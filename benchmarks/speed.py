@@ -20,6 +20,9 @@ Group ``e2e``: ``vitq quantize``'s path (``quantize_with_summary``) for ``cifar1
 process, one thread: wall time per stage and top-1 on the 10k test images; and the cost model's
 prediction (``estimate_reconstruction``) against the measured reconstruction time.
 
+Group ``agreement``: whether the kernel paths learn the same block (parameters, learned rounding,
+block output after 300 steps), against the difference a change of seed makes.
+
 Writes ``speed.json`` and ``speed.md`` next to this script, after every measurement (resumable).
 """
 
@@ -160,6 +163,53 @@ def measure_block(which: str, short: int, long: int) -> dict:
     return out
 
 
+def _reconstructed(model, name, x, targets, path: str, seed: int, iters: int) -> torch.nn.Module:
+    """A copy of ``model`` with block ``name`` reconstructed on kernel path ``path``, seeded as the engine seeds."""
+    m = copy.deepcopy(model)
+    torch.manual_seed(seed)  # QDrop's draws (the engine seeds them per block)
+    with kernel_path(path):
+        reconstruct_block(m, name, m.get_submodule(name), x, x, targets, recon_config(path, loss="mse", iters=iters),
+                          torch.device("cpu"), torch.Generator().manual_seed(seed), progress=False)
+    return m
+
+
+def measure_agreement(iters: int = 300) -> dict:
+    """How far the kernel paths' trajectories drift apart on one block, against a change of seed.
+
+    ``cifar10_vit`` blocks.1, W3A3, mse loss with QDrop, ``iters`` steps: the reference path with
+    seeds 0 and 1, the fast and compiled paths with seed 0. For each against the reference at seed 0:
+    the largest difference of any learned parameter, the share of weights whose learned rounding
+    differs, and the block output's relative difference on 256 optimisation images.
+    """
+    model, name, x, targets = block_setup("cifar10_vit")
+    runs = {label: _reconstructed(model, name, x, targets, path, seed, iters)
+            for label, path, seed in (("reference", "reference", 0), ("fast", "fast", 0),
+                                      ("compiled", "compiled", 0), ("reference seed 1", "reference", 1))}
+
+    def weights(m) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [mod.w_quantizer(mod.weight) for mod in block_quant_modules(m.get_submodule(name))
+                    if getattr(mod, "w_quantizer", None) is not None]
+
+    def output(m) -> torch.Tensor:
+        set_mode(m, QuantMode.QUANT)
+        with torch.no_grad():
+            return m.get_submodule(name)(x[:256])
+
+    base, base_w, base_out = runs["reference"], weights(runs["reference"]), output(runs["reference"])
+    out: dict = {"block": name, "iters": iters, "load_avg": os.getloadavg()[0]}
+    for label in ("fast", "compiled", "reference seed 1"):
+        m = runs[label]
+        params = dict(m.get_submodule(name).named_parameters())
+        max_param = max((p - params[k]).abs().max().item()
+                        for k, p in base.get_submodule(name).named_parameters() if k in params and p.numel())
+        w = weights(m)
+        flips = sum(int((a != b).sum()) for a, b in zip(base_w, w)) / sum(a.numel() for a in base_w)
+        rel_out = ((output(m) - base_out).norm() / base_out.norm()).item()
+        out[label] = {"max_param_diff": max_param, "rounding_differs": flips, "output_rel_diff": rel_out}
+    return out
+
+
 def e2e_setup(path: str) -> tuple:
     """(float model, recipe, image pool) of the e2e cell on kernel path ``path``."""
     fp = vitq.load_model("cifar10_vit")
@@ -253,6 +303,19 @@ def summarise(r: dict) -> str:
     if r.get("e2e_before"):
         lines += _e2e_table(r["e2e_before"], "## The same, measured before the compiled kernels (an earlier run, "
                             "another machine of this kind: its ratios compare its own two cells)")
+    if r.get("agreement"):
+        a = r["agreement"]
+        lines += ["", f"## Do the kernel paths learn the same? ({a['iters']} steps on {a['block']}, against the "
+                  "reference path at seed 0)", "",
+                  "`python benchmarks/speed.py --groups agreement`: cifar10_vit, W3A3, mse loss with QDrop; each path "
+                  "from the same minmax-calibrated block, seeded as the engine seeds a block. A change of seed is the "
+                  "scale of an honest difference.", "",
+                  "| run | largest parameter difference | weights rounded differently | block output, relative difference |",
+                  "|---|---|---|---|"]
+        for label in ("fast", "compiled", "reference seed 1"):
+            c = a[label]
+            lines.append(f"| {label} | {c['max_param_diff']:.2e} | {100 * c['rounding_differs']:.4f}% | "
+                         f"{c['output_rel_diff']:.2e} |")
     if r.get("notes"):  # what the numbers mean, written after the run (kept in the JSON)
         lines += ["", "## Reading the numbers", ""] + [f"- {n}" for n in r["notes"]]
     lines += ["", f"Versions: {r.get('versions')}", ""]
@@ -288,6 +351,10 @@ def main() -> None:
                 with kernel_path(label):
                     cell.update(predict(*e2e_setup(label)))
                 save()
+    if "agreement" in args.groups:
+        r["agreement"] = measure_agreement()
+        save()
+        print(r["agreement"], flush=True)
     if "e2e" in args.groups:
         for label in args.paths:
             if label not in r.setdefault("e2e", {}):
