@@ -182,3 +182,25 @@ def test_mse_search_stops_at_a_fixed_point(images, monkeypatch):
     vitq.quantize(copy.deepcopy(fp), images, "mse", calib_size=16, seed=3, progress=False, device="cpu",
                   calibration={"eq_n": 16, "search_rounds": 0})
     assert counts[0] > len(calls)  # and it did run rounds beyond the first sweeps
+
+
+def test_compiled_mse_search_picks_what_the_eager_one_picks(images):
+    """The search's fused kernels through torch.compile: the same grids chosen (the sums run in
+    another order, so only a near tie could differ; this tiny model has none)."""
+    fp = tiny_vit()
+    kw = dict(calib_size=32, seed=3, progress=False, device="cpu", calibration={"eq_n": 16})
+    runs = {}
+    for setting in ("off", "on"):
+        r = vitq.quantize_with_summary(copy.deepcopy(fp), images, "mse",
+                                       **{**kw, "calibration": {**kw["calibration"], "compile_kernels": setting}})
+        runs[setting] = (r.calibration["kernels"], dict(r.model.state_dict()), r.model(images))
+    assert runs["off"][0] == "eager" and runs["on"][0] == "compiled"
+    for key, value in runs["off"][1].items():
+        assert torch.equal(value, runs["on"][1][key]), key
+    assert torch.equal(runs["off"][2], runs["on"][2])
+    # auto compiles only a search long enough to repay the compilation
+    from vitq.calibration import CalibConfig
+    assert not CalibConfig().compiles(128) and CalibConfig().compiles(512)
+    assert not CalibConfig(method="repq").compiles(512) and not CalibConfig(compile_kernels="off").compiles(512)
+    with pytest.raises(VitqError, match="compile_kernels must be one of"):
+        CalibConfig(compile_kernels="yes")

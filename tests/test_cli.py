@@ -218,3 +218,18 @@ def test_quantize_prints_and_records_a_cost_estimate_before_a_long_run(tiny_vit_
     assert code == 0, stdout
     assert "reconstruction: about" in stdout and "4 blocks x 2 iterations" in stdout
     assert json.loads((out / "report.json").read_text())["estimated_reconstruction_s"] > 0
+
+
+def test_the_compile_switch_reaches_every_stage_the_recipe_has():
+    from vitq.cli import build_parser, recipe_from_args
+
+    def recipe(*flags):
+        return recipe_from_args(build_parser().parse_args(["quantize", "--model", "m", "--data", "d", *flags]))
+
+    mse = recipe("--recipe", "mse", "--compile", "on")  # calibration only: no reconstruction stage is added
+    assert mse.calibration.compile_kernels == "on" and mse.reconstruction is None and mse.refine is None
+    refine = recipe("--recipe", "fimaq+refine", "--compile", "off")
+    assert (refine.calibration.compile_kernels, refine.reconstruction.compile_kernels,
+            refine.refine.compile_kernels) == ("off", "off", "off")
+    default = recipe("--recipe", "fimaq")
+    assert default.calibration.compile_kernels == default.reconstruction.compile_kernels == "auto"

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_q.add_argument("--a-bits", type=int, default=None, help="activation bits, 2..8 (default 4; off with --target ort-w4)")
     p_q.add_argument("--head-bits", type=int, default=None, help="keep the classifier head at these W/A bits (e.g. 8)")
     p_q.add_argument("--patch-embed-bits", type=int, default=None, help="patch-embedding weight bits (e.g. 8)")
-    p_q.add_argument("--calib-size", type=_positive_int, default=None, help="calibration images (recipe default 128)")
+    p_q.add_argument("--calib-size", type=_positive_int, default=None,
+                     help="calibration images (recipe default 128)")
     p_q.add_argument("--calib-data", default=None, help="folder of calibration images (default: DATA's train split)")
     p_q.add_argument("--calib-transform", choices=("eval", "train"), default="eval",
                      help="preprocess calibration images with timm's eval transform (default) or its "
@@ -118,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the block's forward/backward under autocast (bf16 on CPU or CUDA, fp16 on CUDA); "
                         "caches, targets and losses stay float32")
     g.add_argument("--compile", dest="compile_kernels", choices=("auto", "on", "off"), default=None,
-                   help="torch.compile the fused fake-quantization kernels of reconstruction and refinement "
-                        "(auto: from 200 iterations per block; eager wherever compilation fails)")
+                   help="torch.compile the fused fake-quantization kernels of the mse search, reconstruction and "
+                        "refinement (auto: from 256 calibration images, 200 iterations per block; eager wherever "
+                        "compilation fails)")
     g.add_argument("--cache-on-disk", action="store_true", default=None,
                    help="keep the cached block inputs/outputs in memory-mapped files ($VITQ_CACHE_DIR or the "
                         "temp dir) instead of memory: for models whose caches do not fit")
@@ -334,7 +336,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 RECON_FLAGS = ("iters", "optim_size", "rank", "alpha", "lowrank_form", "snapshot_schedule", "renormalize",
                "temperature", "input_mode", "drop_prob", "weight_lr", "act_lr", "round_lambda", "autocast",
-               "cache_on_disk", "global_weight", "global_every", "compile_kernels")
+               "cache_on_disk", "global_weight", "global_every")
 # --refine-X sets refine field X
 REFINE_FLAGS = ("iters", "optim_size", "rounding", "act_lr", "temperature", "drop_prob", "learn_biases")
 AIQ_FLAGS = ("lrc", "lrc_mode", "rank_policy", "fixed_rank", "search_iters", "curriculum")
@@ -365,9 +367,13 @@ def recipe_from_args(args: argparse.Namespace):
         recon["batch_size"] = args.recon_batch_size
     aiq = {k: getattr(args, k) for k in AIQ_FLAGS if getattr(args, k) is not None}
     refine = {k: getattr(args, f"refine_{k}") for k in REFINE_FLAGS if getattr(args, f"refine_{k}") is not None}
-    if args.compile_kernels is not None and (refine or base.refine is not None):
-        refine["compile_kernels"] = args.compile_kernels  # one switch for both stages
     calibration = {k: getattr(args, k) for k in ("eq_n", "search_rounds") if getattr(args, k) is not None}
+    if args.compile_kernels is not None:  # one switch for every stage the recipe has
+        calibration["compile_kernels"] = args.compile_kernels
+        if base.reconstruction is not None:
+            recon["compile_kernels"] = args.compile_kernels
+        if refine or base.refine is not None:
+            refine["compile_kernels"] = args.compile_kernels
     for flag in ("tokens", "samples", "elements"):
         value = getattr(args, f"search_{flag}")
         if value is not None:

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from ..errors import VitqError
 
 METHODS = ("minmax", "percentile", "mse", "repq")
+COMPILE = ("auto", "on", "off")
+# auto compiles the mse search's elementwise kernels from this many calibration images: below,
+# the search takes a minute or two and the one-off compilation would not pay
+COMPILE_FROM_IMAGES = 256
 
 
 @dataclass
@@ -26,6 +30,12 @@ class CalibConfig:
     max_search_samples: int | None = None      # images for the matmul-operand search (None: all) ...
     max_search_elements: int | None = 1 << 22  # ... and at most this many matmul-output elements
     batch_size: int = 32               # forward batch while capturing inputs
+    compile_kernels: str = "auto"      # ``mse``: torch.compile the search's kernels (auto: from 256 images)
+
+    def compiles(self, n_images: int) -> bool:
+        """Whether the search's elementwise kernels go through torch.compile for ``n_images`` images."""
+        return self.method == "mse" and (self.compile_kernels == "on" or (
+            self.compile_kernels == "auto" and n_images >= COMPILE_FROM_IMAGES))
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -36,5 +46,7 @@ class CalibConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise VitqError(f"{name} must be positive or None (no cap), got {value}")
+        if self.compile_kernels not in COMPILE:
+            raise VitqError(f"compile_kernels must be one of {', '.join(COMPILE)}, got {self.compile_kernels!r}")
         if self.eq_n < 2 or self.search_rounds < 0:
             raise VitqError("eq_n must be >= 2 and search_rounds >= 0")

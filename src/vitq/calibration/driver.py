@@ -13,6 +13,7 @@ from .. import distributed
 from ..adapters import layer_role, prev_layernorm, reconstruction_blocks
 from ..capture import StopForward, run_until_stopped
 from ..errors import VitqError
+from ..quantizers.kernels import compile_status, compiled_kernels
 from ..qmodules import (QuantConv2d, QuantLinear, QuantMatMul, QuantMode, QuantModule, iter_quantizers,
                         quant_modules, set_mode)
 from .config import CalibConfig
@@ -138,6 +139,19 @@ def calibrate(model: nn.Module, images: torch.Tensor, cfg: CalibConfig, device: 
     folded: list[str] = []
     t0 = time.perf_counter()
     bar = tqdm(total=n_modules, desc=f"calibrate ({cfg.method})", unit="layer", disable=not progress)
+    with compiled_kernels(cfg.compiles(len(images))):
+        _calibrate_groups(model, groups, images, cfg, device, gen, seed, bar, folded)
+        kernels = compile_status()
+    bar.close()
+    set_mode(model, QuantMode.QUANT)
+    return {"modules": n_modules, "folded_layers": folded, "seconds": round(time.perf_counter() - t0, 3),
+            "kernels": kernels}
+
+
+def _calibrate_groups(model: nn.Module, groups: list[list[tuple[str, QuantModule]]], images: torch.Tensor,
+                      cfg: CalibConfig, device: torch.device, gen: torch.Generator, seed: int, bar: tqdm,
+                      folded: list[str]) -> None:
+    """Every group (reconstruction block) in turn: capture its inputs, then initialise its modules."""
     for group in groups:
         captured = _capture_inputs(model, group, images, cfg.batch_size, device)
         for name, module in group:
@@ -159,9 +173,6 @@ def calibrate(model: nn.Module, images: torch.Tensor, cfg: CalibConfig, device: 
                 _expand_tokenwise(module, inputs)
             bar.update(1)
         del captured
-    bar.close()
-    set_mode(model, QuantMode.QUANT)
-    return {"modules": n_modules, "folded_layers": folded, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 @torch.no_grad()

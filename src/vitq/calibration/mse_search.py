@@ -12,8 +12,8 @@ from ..qmodules import QuantConv2d, QuantLinear, QuantMatMul
 from ..quantizers import UniformQuantizer
 from .config import CalibConfig
 from ..quantizers.uniform import params_from_range
-from ..quantizers.kernels import reference_active
-from .stats import _quantile, _subsample_rows, fake_quant, init_percentile_search
+from ..quantizers.kernels import reference_active, sq_diff_sum
+from .stats import _quantile, _subsample_rows, fake_quant, init_percentile_search, quant_error, quant_sq_error
 
 
 def _grid(lo_q: torch.Tensor, hi_q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, eq_n: int
@@ -73,8 +73,8 @@ def _best_self(t: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmax: i
     (input channels of (tokens, C), cands (C, K)).
     """
     view = (lambda v: v[:, None]) if dim == 0 else (lambda v: v)
-    errs = split_candidates(scales.shape[1], lambda c: (fake_quant(t, view(scales[:, c]), view(zps[:, c]), qmax)
-                                                        - t).pow(2).sum(1 - dim))  # (C, R)
+    errs = split_candidates(scales.shape[1], lambda c: quant_sq_error(t, view(scales[:, c]), view(zps[:, c]), qmax,
+                                                                      1 - dim))  # (C, R)
     best = errs.argmin(0)
     idx = torch.arange(t.shape[dim], device=t.device)
     return scales[idx, best], zps[idx, best]
@@ -82,7 +82,7 @@ def _best_self(t: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmax: i
 
 def _best_tensor_self(x: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmax: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    errs = split_candidates(len(scales), lambda c: (fake_quant(x, scales[c], zps[c], qmax) - x).pow(2).sum())
+    errs = split_candidates(len(scales), lambda c: quant_sq_error(x, scales[c], zps[c], qmax))
     best = int(errs.argmin())
     return scales[best].reshape(1), zps[best].reshape(1)
 
@@ -103,7 +103,7 @@ def _activation_output_errors(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Ten
         rw = r @ w_hat
 
     def score(c: int) -> torch.Tensor:
-        e = fake_quant(x, scales[c], zps[c], qmax) - x
+        e = quant_error(x, scales[c], zps[c], qmax)
         if use_gram:
             return ((e @ gram) * e).sum() - 2 * (rw * e).sum()
         return (r - e @ w_hat.t()).pow(2).sum()
@@ -211,12 +211,11 @@ def search_matmul_mse(module: QuantMatMul, a: torch.Tensor, b: torch.Tensor, cfg
         q, t = ops[key]
         return q(t) if q is not None else t
 
-    def out_err(key: str, fixed: torch.Tensor | None) -> torch.Tensor:
+    def product(key: str, fixed: torch.Tensor | None) -> torch.Tensor:
         # only operand ``key`` changes within a sweep: the other one is quantized once (``fixed``;
         # None on the reference path, which quantized both for every candidate)
         other = quantized("b" if key == "a" else "a") if fixed is None else fixed
-        e = quantized("a") @ other if key == "a" else other @ quantized("b")
-        return e.sub_(ref).pow_(2)
+        return quantized("a") @ other if key == "a" else other @ quantized("b")
 
     def sweep(key: str, which: tuple[int, ...]) -> bool:  # True when the choice moved
         q, t = ops[key]
@@ -232,8 +231,7 @@ def search_matmul_mse(module: QuantMatMul, a: torch.Tensor, b: torch.Tensor, cfg
 
         def score(i: int) -> torch.Tensor:
             _set_bounds(q, up, lo, cand[i])
-            e = out_err(key, fixed)
-            return e.sum(dim=red, keepdim=True) if red is not None else e.sum().reshape(1)
+            return sq_diff_sum(product(key, fixed), ref, red)  # the product is a fresh tensor: overwritten
 
         errs_t = split_candidates(cfg.eq_n, score)  # (eq_n, *stat)
         best = errs_t.argmin(0)
@@ -281,7 +279,7 @@ def search_conv_mse(module: QuantConv2d, x: torch.Tensor, cfg: CalibConfig) -> N
 
     def errs_for(up: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
         s, z = params_from_range(lo, up, qmax)
-        delta = (fake_quant(w2d, s[:, None], z[:, None], qmax) - w2d).double()
+        delta = quant_error(w2d, s[:, None], z[:, None], qmax).double()
         return ((delta @ gram) * delta).sum(1)
 
     errs = split_candidates(n + 1, lambda i: errs_for(upper[i], lower[i]))

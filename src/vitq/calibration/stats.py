@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..quantizers import AffineQuantizer
+from ..quantizers import kernels
 from ..quantizers.kernels import fake_quant_values, reference_active
 from .config import CalibConfig
 
@@ -24,6 +25,22 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     if reference_active():
         return (torch.clamp(torch.round(x / scale) + zero_point, 0, qmax) - zero_point) * scale
     return fake_quant_values(x, scale, zero_point, 0, qmax)
+
+
+def quant_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``fake_quant(x) - x`` (one fused loop under ``compiled_kernels``)."""
+    if reference_active():
+        return fake_quant(x, scale, zero_point, qmax) - x
+    return kernels.quant_error(x, scale, zero_point, 0, qmax)
+
+
+def quant_sq_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int,
+                   dim: int | None = None) -> torch.Tensor:
+    """``sum((fake_quant(x) - x)^2)`` over ``dim`` (None: all elements)."""
+    if reference_active():
+        e = (fake_quant(x, scale, zero_point, qmax) - x).pow(2)
+        return e.sum() if dim is None else e.sum(dim)
+    return kernels.quant_sq_error(x, scale, zero_point, 0, qmax, dim)
 
 
 def _subsample_rows(x: torch.Tensor, n: int | None, gen: torch.Generator) -> torch.Tensor:

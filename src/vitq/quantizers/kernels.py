@@ -20,6 +20,10 @@ node each, gradients to ``alpha`` written directly.
 stream is the same). Where compilation fails (no C++ compiler, no triton) it warns once and the
 same functions run eagerly. ``reference_kernels()`` switches back to the plain-autograd path
 (tests compare the paths; the speed benchmark times them in the same run).
+
+The calibration search scores thousands of candidate grids, each a handful of elementwise passes
+over the captured activations: ``fake_quant_values``, ``quant_error``, ``quant_sq_error`` and
+``sq_diff_sum`` are one fused loop each under ``compiled_kernels()`` (benchmarks/calib_speed.md).
 """
 
 from __future__ import annotations
@@ -111,13 +115,53 @@ def qdrop_select(x: torch.Tensor, x_hat: torch.Tensor, keep_prob: float) -> torc
     return torch.addcmul(x * (1 - m), x_hat, m)
 
 
+def _fake_quant_plain(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int
+                      ) -> torch.Tensor:
+    """The reference ops out of place (what the compiler fuses into one loop)."""
+    q = torch.round(x / scale)
+    if zero_point is None:
+        return q.clamp(qmin, qmax) * scale
+    return ((q + zero_point).clamp(qmin, qmax) - zero_point) * scale
+
+
+def _quant_sq_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                    dim: int | None) -> torch.Tensor:
+    """``sum((Q(x) - x)^2)`` over ``dim`` (None: all) in one pass, for the calibration searches."""
+    e = _fake_quant_plain(x, scale, zero_point, qmin, qmax) - x
+    return (e * e).sum() if dim is None else (e * e).sum(dim)
+
+
+def _quant_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+                 ) -> torch.Tensor:
+    return _fake_quant_plain(x, scale, zero_point, qmin, qmax) - x
+
+
+def _sq_diff_sum(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...] | None) -> torch.Tensor:
+    """``sum((a - b)^2)`` over ``dims`` keeping them (None: all, as shape (1,))."""
+    d = a - b
+    return (d * d).sum().reshape(1) if dims is None else (d * d).sum(dim=dims, keepdim=True)
+
+
+_fake_quant_plain_fused = _Fused(_fake_quant_plain)
+_quant_sq_error_fused = _Fused(_quant_sq_error)
+_quant_error_fused = _Fused(_quant_error)
+_sq_diff_sum_fused = _Fused(_sq_diff_sum)
+
+
+def _compiling() -> bool:
+    return _COMPILE and _COMPILE_FAILED is None
+
+
 def fake_quant_values(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int
                       ) -> torch.Tensor:
-    """The fake-quantized values only (no gradient): the reference ops, in place on one buffer.
+    """The fake-quantized values only (no gradient): the reference ops, in place on one buffer
+    (one fused loop under :func:`compiled_kernels`).
 
     ``(clamp(round(x / s) + z, qmin, qmax) - z) * s``; ``zero_point`` None for a symmetric grid.
     """
     with torch.no_grad():
+        if _compiling():
+            return _fake_quant_plain_fused(x, scale, zero_point, qmin, qmax)
         q = torch.div(x, scale)
         q.round_()
         if zero_point is not None and torch.broadcast_shapes(q.shape, zero_point.shape) == q.shape:
@@ -129,6 +173,34 @@ def fake_quant_values(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
         else:
             q.clamp_(qmin, qmax)
         return q.mul_(scale)
+
+
+def quant_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+                ) -> torch.Tensor:
+    """``Q(x) - x`` (no gradient): a search candidate's quantization error."""
+    with torch.no_grad():
+        if _compiling():
+            return _quant_error_fused(x, scale, zero_point, qmin, qmax)
+        return fake_quant_values(x, scale, zero_point, qmin, qmax).sub_(x)
+
+
+def quant_sq_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                   dim: int | None = None) -> torch.Tensor:
+    """``sum((Q(x) - x)^2)`` over ``dim`` (None: every element), no gradient."""
+    with torch.no_grad():
+        if _compiling():
+            return _quant_sq_error_fused(x, scale, zero_point, qmin, qmax, dim)
+        e = quant_error(x, scale, zero_point, qmin, qmax).pow_(2)
+        return e.sum() if dim is None else e.sum(dim)
+
+
+def sq_diff_sum(a: torch.Tensor, b: torch.Tensor, dims: list[int] | None = None) -> torch.Tensor:
+    """``sum((a - b)^2)`` over ``dims``, kept as size-1 dimensions (None: all, shape (1,)); ``a`` may be overwritten."""
+    with torch.no_grad():
+        if _compiling():
+            return _sq_diff_sum_fused(a, b, None if dims is None else tuple(dims))
+        e = a.sub_(b).pow_(2)
+        return e.sum().reshape(1) if dims is None else e.sum(dim=dims, keepdim=True)
 
 
 def _fake_quant_parts(x: torch.Tensor, rand: torch.Tensor | None, scale: torch.Tensor,
