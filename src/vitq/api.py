@@ -45,7 +45,7 @@ def _collect_images(calib_data: Any, n: int, seed: int) -> torch.Tensor:
         total = len(calib_data)
         if total < n:
             raise VitqError(f"asked for {n} calibration images but the data holds only {total}: "
-                            "lower --calib-size or add images")
+                            "lower calib_size (--calib-size) or add images")
         idx = fixed_subset(total, n, seed)
         items = [calib_data[int(i)] for i in idx]
         images = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
@@ -66,7 +66,7 @@ def _collect_images(calib_data: Any, n: int, seed: int) -> torch.Tensor:
         raise VitqError(f"calibration images must be (N, C, H, W), got shape {tuple(images.shape)}")
     if len(images) < n:
         raise VitqError(f"asked for {n} calibration images but the data holds only {len(images)}: "
-                        "lower --calib-size or add images")
+                        "lower calib_size (--calib-size) or add images")
     if len(images) > n:
         images = images[torch.from_numpy(fixed_subset(len(images), n, seed))]
     if not torch.isfinite(images).all():
