@@ -216,15 +216,21 @@ def test_compiled_kernels_give_the_eager_values_and_gradients():
     assert torch.allclose(ada_compiled[3], ada_eager[3], rtol=1e-6)
 
 
+def forget_compilations(monkeypatch) -> None:
+    """Every fused kernel compiles afresh (and no earlier failure is remembered) within the test."""
+    monkeypatch.setattr(kernels, "_COMPILE_FAILED", None)
+    for fused in vars(kernels).values():
+        if isinstance(fused, kernels._Fused):
+            monkeypatch.setattr(fused, "compiled", None)
+
+
 def test_a_failing_compiler_warns_once_and_runs_eagerly(monkeypatch):
     def broken(fn, **kwargs):
         def call(*args):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
         return call
 
-    monkeypatch.setattr(kernels, "_COMPILE_FAILED", None)
-    monkeypatch.setattr(kernels._fake_quant_fused, "compiled", None)
-    monkeypatch.setattr(kernels._times_fused, "compiled", None)
+    forget_compilations(monkeypatch)
     monkeypatch.setattr(torch, "compile", broken)
     q, x = calibrated((4, 9, 16), offset=0.3)
     q.train()
@@ -250,9 +256,7 @@ def test_the_run_summary_says_how_the_kernels_ran(monkeypatch):
     eager = vitq.quantize_with_summary(tiny_vit(), data, "qdrop", reconstruction={
         "optim_size": 16, "iters": 2, "compile_kernels": "off"}, **opts)
     assert {b["kernels"] for b in eager.reconstruction["blocks"]} == {"eager"}
-    monkeypatch.setattr(kernels, "_COMPILE_FAILED", None)
-    for fused in (kernels._fake_quant_fused, kernels._times_fused, kernels._adaround_fused, kernels._round_loss_fused):
-        monkeypatch.setattr(fused, "compiled", None)
+    forget_compilations(monkeypatch)
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.warns(RuntimeWarning, match="running them eagerly"):
         failed = vitq.quantize_with_summary(tiny_vit(), data, "qdrop", reconstruction={

@@ -81,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_q.add_argument("--a-bits", type=int, default=None, help="activation bits, 2..8 (default 4; off with --target ort-w4)")
     p_q.add_argument("--head-bits", type=int, default=None, help="keep the classifier head at these W/A bits (e.g. 8)")
     p_q.add_argument("--patch-embed-bits", type=int, default=None, help="patch-embedding weight bits (e.g. 8)")
-    p_q.add_argument("--calib-size", type=_positive_int, default=None,
-                     help="calibration images (recipe default 128)")
+    p_q.add_argument("--calib-size", type=_positive_int, default=None, help="calibration images (recipe default 128)")
     p_q.add_argument("--calib-data", default=None, help="folder of calibration images (default: DATA's train split)")
     p_q.add_argument("--calib-transform", choices=("eval", "train"), default="eval",
                      help="preprocess calibration images with timm's eval transform (default) or its "

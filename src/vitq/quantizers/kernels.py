@@ -124,16 +124,16 @@ def _fake_quant_plain(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     return ((q + zero_point).clamp(qmin, qmax) - zero_point) * scale
 
 
-def _quant_sq_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                    dim: int | None) -> torch.Tensor:
-    """``sum((Q(x) - x)^2)`` over ``dim`` (None: all) in one pass, for the calibration searches."""
-    e = _fake_quant_plain(x, scale, zero_point, qmin, qmax) - x
-    return (e * e).sum() if dim is None else (e * e).sum(dim)
-
-
 def _quant_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
                  ) -> torch.Tensor:
     return _fake_quant_plain(x, scale, zero_point, qmin, qmax) - x
+
+
+def _quant_sq_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                    dim: int | None) -> torch.Tensor:
+    """``sum((Q(x) - x)^2)`` over ``dim`` (None: all) in one pass, for the calibration searches."""
+    e = _quant_error(x, scale, zero_point, qmin, qmax)
+    return (e * e).sum() if dim is None else (e * e).sum(dim)
 
 
 def _sq_diff_sum(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...] | None) -> torch.Tensor:
