@@ -56,9 +56,9 @@ CHOSEN = dict(recipe="fimaq-diag", iters=250, refine=200, rrounding="soft")
 CALIB_SEARCH = {"max_search_tokens": 2048, "max_search_samples": 16, "max_search_elements": None}
 # cell fields beyond (model, recipe, bits, seed, iters) and their defaults: off
 EXTRA = {"glob": 0.0, "gevery": 1, "refine": 0, "rrounding": "hard", "rdrop": 1.0, "ract_lr": 4e-5, "rbias": False,
-         "rtemp": 1.0}
+         "rtemp": 1.0, "rot": "none"}
 LABELS = {"glob": "g", "gevery": "ge", "refine": "r", "rrounding": "", "rdrop": "rd", "ract_lr": "rlr",
-          "rbias": "rb", "rtemp": "rt"}
+          "rbias": "rb", "rtemp": "rt", "rot": "rot"}
 
 
 def heldout_indices(n_train: int, optim_size: int) -> np.ndarray:
@@ -99,6 +99,15 @@ def cells(groups: list[str]) -> list[dict]:
                 cell("tune", vit, **base, glob=0.3),
                 cell("tune", vit, recipe="qdrop", bits=3, seed=0, iters=250, refine=200),
                 cell("tune", vit, **{**base, "iters": 500}, refine=200)]
+    if "rotation" in groups:
+        # rotated linear inputs (vitq.rotation): calibration alone, then the block stage on top
+        base = dict(recipe="fimaq-diag", bits=3, seed=0, iters=250)
+        out += [cell("rotation", vit, recipe="mse", bits=3, seed=0, iters=0, rot="hadamard"),
+                cell("rotation", vit, **base, rot="hadamard"),
+                cell("rotation", vit, **base, rot="hadamard", refine=200, rrounding="soft"),
+                cell("rotation", vit, recipe="mse", bits=3, seed=0, iters=0, rot="orthogonal"),
+                cell("rotation", vit, recipe="mse", bits=4, seed=0, iters=0, rot="hadamard"),
+                cell("rotation", vit, recipe="mse", bits=3, seed=0, iters=0)]
     if "main" in groups:
         for model in MODELS:
             for bits in (3, 4):
@@ -118,14 +127,14 @@ def cell_key(c: dict) -> str:
 
 def block_stage_key(c: dict) -> str:
     """The work folder: cells that differ only in their refinement share the block stage."""
-    extra = "".join(f"-{LABELS[k]}{c[k]}" for k in ("glob", "gevery") if k in c)
+    extra = "".join(f"-{LABELS[k]}{c[k]}" for k in ("glob", "gevery", "rot") if k in c)
     return f"{c['model']}-{c['recipe']}-w{c['bits']}a{c['bits']}-s{c['seed']}-i{c['iters']}{extra}"
 
 
 def recipe_of(c: dict):
     e = {**EXTRA, **c}
     recipe = vitq.get_recipe(c["recipe"], w_bits=c["bits"], a_bits=c["bits"], seed=c["seed"], calib_size=128,
-                             calibration=CALIB_SEARCH)
+                             calibration=CALIB_SEARCH, rotation=e["rot"])
     if recipe.reconstruction is not None:
         recipe = vitq.get_recipe(recipe, reconstruction={"iters": c["iters"], "global_weight": e["glob"],
                                                          "global_every": e["gevery"]})
@@ -208,7 +217,7 @@ def summarise(results: dict) -> str:
              "settings apart with less noise than top-1.", "",
              "| cell | held-out top-1 | held-out agree | held-out KL | test top-1 | test agree | test KL | seconds "
              "| refine s | flips |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for c in cells(["tune"]):
+    for c in cells(["tune", "rotation"]):
         r = rows.get(cell_key(c))
         if r:
             lines.append(f"| {cell_key(c)} | {r['heldout']:.2f} | {r['heldout_agree']:.2f} | {r['heldout_kl']:.4f} | "
@@ -250,7 +259,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out_json = args.out / "beyond.json"
-    results, groups = open_results(out_json, ("tune", "main", "compute"), args.groups)
+    results, groups = open_results(out_json, ("tune", "rotation", "main", "compute"), args.groups)
     results.update(versions=versions(), command="python benchmarks/beyond.py --groups " + " ".join(groups))
 
     def save() -> None:

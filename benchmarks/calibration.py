@@ -60,9 +60,48 @@ def imagenet_sample(path: Path, model: torch.nn.Module) -> torch.Tensor:
     return torch.stack(images)
 
 
-def _cells(results: dict, recipe: str, bits: int, tag: str = "") -> list[dict]:
+def _cells(results: dict, recipe: str, bits: int, tag: str = "", model: str = "cifar10_vit") -> list[dict]:
     return [c for c in results["cells"].values()
-            if c["recipe"] == recipe and c["w_bits"] == bits and c.get("tag", "") == tag]
+            if c["recipe"] == recipe and c["w_bits"] == bits and c.get("tag", "") == tag
+            and c.get("model", "cifar10_vit") == model]
+
+
+def cell_key(model: str, recipe: str, bits: int, seed: int, tag: str = "") -> str:
+    # cifar10_vit's keys carry no model name: they were measured before the Swin column existed
+    prefix = "" if model == "cifar10_vit" else f"{model}-"
+    return f"{prefix}{recipe}-w{bits}a{bits}-s{seed}" + (f"-{tag}" if tag else "")
+
+
+def recipe_table(results: dict, model: str) -> list[str]:
+    """One model's table: top-1 mean ± sd over the subsets per recipe and bits, spreads, seconds, and
+    the per-subset numbers."""
+    n_sub = results.get("subsets", 1)
+    lines = ["| recipe | " + " | ".join(f"W{b}A{b} top-1" for b in BITS) + " | W4A4 spread | W3A3 spread | " +
+             " | ".join(f"W{b}A{b} calib s" for b in BITS) + " | peak MB (W4A4) |",
+             "|---|" + "---|" * (2 * len(BITS) + 3)]
+    for r in RECIPES:
+        acc, sec, spread = [], [], {}
+        for b in BITS:
+            cells = _cells(results, r, b, model=model)
+            tops = [c["quant_top1"] for c in cells]
+            acc.append(_mean_sd(tops))
+            sec.append(f"{statistics.mean(c['calib_seconds'] for c in cells):.1f}" if cells else "-")
+            spread[b] = f"{max(tops) - min(tops):.2f}" if len(tops) > 1 else "-"
+        w4 = _cells(results, r, 4, model=model)
+        peak = f"{max(c['calib_peak_mb'] for c in w4):.0f}" if w4 else "-"
+        lines.append(f"| {r} | {' | '.join(acc)} | {spread[4]} | {spread[3]} | {' | '.join(sec)} | {peak} |")
+    counts = {b: sorted({len(_cells(results, r, b, model=model)) for r in RECIPES} - {0}) for b in BITS}
+    lines += ["", "Subsets measured per cell: " + ", ".join(
+        f"W{b}A{b} {'/'.join(map(str, counts[b])) or '0'}" for b in BITS) + ".", ""]
+    lines += ["Per subset (top-1):", "", "| recipe | bits | " + " | ".join(f"seed {s}" for s in range(n_sub)) + " |",
+              "|---|---|" + "---|" * n_sub]
+    for r in RECIPES:
+        for b in BITS:
+            by_seed = {c["seed"]: c["quant_top1"] for c in _cells(results, r, b, model=model)}
+            if by_seed:
+                lines.append(f"| {r} | W{b}A{b} | " + " | ".join(f"{by_seed[s]:.2f}" if s in by_seed else "-"
+                                                             for s in range(n_sub)) + " |")
+    return lines
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -81,32 +120,14 @@ def write_outputs(out: Path, results: dict) -> None:
              f"split with seeds 0..{n_sub - 1} (one random subset per seed, the same subsets for every recipe) and "
              f"reports top-1 as mean ± sample standard deviation over the subsets; `spread` is max - min. CPU, "
              f"{results.get('threads', 1)} thread(s); seconds are the mean calibration time, peak memory the "
-             f"process's resident peak during calibration.", "",
-             "| recipe | " + " | ".join(f"W{b}A{b} top-1" for b in BITS) + " | W4A4 spread | W3A3 spread | " +
-             " | ".join(f"W{b}A{b} calib s" for b in BITS) + " | peak MB (W4A4) |",
-             "|---|" + "---|" * (2 * len(BITS) + 3)]
-    for r in RECIPES:
-        acc, sec, spread = [], [], {}
-        for b in BITS:
-            cells = _cells(results, r, b)
-            tops = [c["quant_top1"] for c in cells]
-            acc.append(_mean_sd(tops))
-            sec.append(f"{statistics.mean(c['calib_seconds'] for c in cells):.1f}" if cells else "-")
-            spread[b] = f"{max(tops) - min(tops):.2f}" if len(tops) > 1 else "-"
-        w4 = _cells(results, r, 4)
-        peak = f"{max(c['calib_peak_mb'] for c in w4):.0f}" if w4 else "-"
-        lines.append(f"| {r} | {' | '.join(acc)} | {spread[4]} | {spread[3]} | {' | '.join(sec)} | {peak} |")
-    counts = {b: sorted({len(_cells(results, r, b)) for r in RECIPES} - {0}) for b in BITS}
-    lines += ["", "Subsets measured per cell: " + ", ".join(
-        f"W{b}A{b} {'/'.join(map(str, counts[b])) or '0'}" for b in BITS) + ".", ""]
-    lines += ["Per subset (top-1):", "", "| recipe | bits | " + " | ".join(f"seed {s}" for s in range(n_sub)) + " |",
-              "|---|---|" + "---|" * n_sub]
-    for r in RECIPES:
-        for b in BITS:
-            by_seed = {c["seed"]: c["quant_top1"] for c in _cells(results, r, b)}
-            if by_seed:
-                lines.append(f"| {r} | W{b}A{b} | " + " | ".join(f"{by_seed[s]:.2f}" if s in by_seed else "-"
-                                                             for s in range(n_sub)) + " |")
+             f"process's resident peak during calibration.", ""] + recipe_table(results, "cifar10_vit")
+    swin_fp = results.get("fp_top1_by_model", {}).get("cifar10_swin")
+    if swin_fp is not None:
+        lines += ["", "## `cifar10_swin`", "",
+                  f"The second reference model (a timm Swin: 4x4 windows on 8x8 tokens, then one 4x4 window), FP "
+                  f"top-1 **{swin_fp:.2f}%**, calibrated on the same subsets "
+                  "(`python benchmarks/calibration.py --skip-deit --model cifar10_swin`):", ""]
+        lines += recipe_table(results, "cifar10_swin")
     before = {b: _cells(results, "mse", b, "before") for b in (4, 3)}
     if any(before.values()):
         lines += ["", "## The mse search's data: a subsample (before) or every calibration image (now)", "",
@@ -170,6 +191,8 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
     ap.add_argument("--bits", nargs="*", type=int, default=list(BITS))
     ap.add_argument("--subsets", type=int, default=5, help="calibration subsets (seeds 0..N-1) per cell")
+    ap.add_argument("--model", choices=("cifar10_vit", "cifar10_swin"), default="cifar10_vit",
+                    help="the reference model of part 1")
     ap.add_argument("--tag", choices=("", "before"), default="",
                     help="'before': the mse search's old subsampling (16 images / 2,048 rows), for the comparison")
     args = ap.parse_args()
@@ -185,17 +208,20 @@ def main() -> None:
     spec = resolve_data("cifar10")
 
     if not args.skip_cifar:
-        fp_model = vitq.load_model("cifar10_vit")
+        fp_model = vitq.load_model(args.model)
         loader = make_loader(build_dataset(spec, "eval", eval_transform(fp_model)), EVAL_BATCH)
-        if "fp_top1" not in results:
+        if args.model == "cifar10_vit" and "fp_top1" not in results:
             results["fp_top1"] = evaluate(fp_model, loader, progress=False)["top1"]
+        by_model = results.setdefault("fp_top1_by_model", {})
+        if args.model != "cifar10_vit" and args.model not in by_model:
+            by_model[args.model] = evaluate(fp_model, loader, progress=False)["top1"]
         results["subsets"] = max(results.get("subsets", 1), args.subsets)
         search = SEARCH_BEFORE if args.tag == "before" else {}
         for seed in range(args.subsets):
             calib = vitq.calibration_images(fp_model, "cifar10", 128, seed=seed)
             for bits in args.bits:
                 for recipe in args.recipes:
-                    key = f"{recipe}-w{bits}a{bits}-s{seed}" + (f"-{args.tag}" if args.tag else "")
+                    key = cell_key(args.model, recipe, bits, seed, args.tag)
                     if key in results["cells"]:
                         continue
                     model = copy.deepcopy(fp_model)
@@ -204,7 +230,7 @@ def main() -> None:
                         vitq.quantize(model, calib, recipe, w_bits=bits, a_bits=bits, seed=seed, device="cpu",
                                       progress=False, calib_size=128, calibration=search or None)
                     res = evaluate(model, loader, progress=False)
-                    results["cells"][key] = {"recipe": recipe, "w_bits": bits, "a_bits": bits, "seed": seed,
+                    results["cells"][key] = {"model": args.model, "recipe": recipe, "w_bits": bits, "a_bits": bits, "seed": seed,
                                              "tag": args.tag, "quant_top1": res["top1"], "quant_top5": res["top5"],
                                              "calib_seconds": stages["calibrate"]["seconds"],
                                              "calib_peak_mb": stages["calibrate"]["peak_mem_mb"]}

@@ -7,6 +7,8 @@ Cells (each: calibrate + reconstruct ``cifar10_vit``, top-1 on the 10,000 test i
 * ``rank``: fimaq W3A3 with k in {1, 15} (k = 5 is in ``main``);
 * ``form``: fimaq W3A3 with the paper-era ``identity`` low-rank form;
 * ``iters``: qdrop and fimaq at W3A3 with 250 / 1000 / 2000 iterations (500 is in ``main``);
+* ``swin``: the ``main`` rows on the second reference model ``cifar10_swin``, with today's ``mse``
+  search (every calibration image);
 * ``deit``: seconds per reconstruction iteration of one ``deit_small_patch16_224`` block at 224 px
   (random weights) on the real ImageNet sample images, and of one Fisher snapshot pass, to project
   the cost of the full recipe.
@@ -18,6 +20,7 @@ Every recipe uses the same budget: ``--iters`` per block (default 500), 1024 opt
 Reproduce:
 
     python benchmarks/fimaq.py --iters 500 --groups main seeds rank form iters deit
+    python benchmarks/fimaq.py --iters 500 --groups swin
 """
 
 from __future__ import annotations
@@ -85,6 +88,11 @@ def cells(groups: list[str], iters: int) -> list[dict]:
         for n in (250, 1000, 2000):
             for r in ("qdrop", "fimaq"):
                 out.append(dict(group="iters", recipe=r, bits=3, seed=0, iters=n))
+    if "swin" in groups:
+        first = [(3, "mse"), (3, "fimaq"), (3, "qdrop"), (4, "mse"), (4, "fimaq"), (4, "qdrop")]
+        rest = [(b, r) for b in (3, 4) for r in CALIB_ONLY + RECON if (b, r) not in first]
+        for bits, r in first + rest:
+            out.append(dict(group="swin", model="cifar10_swin", recipe=r, bits=bits, seed=0, iters=iters))
     return out
 
 
@@ -98,7 +106,9 @@ def cell_key(c: dict) -> str:
     extra = "".join(f"-{k}{c[k]}" for k in ("rank", "lowrank_form") if k in c)
     if c.get("calib_search"):
         extra += f"-cs{c['calib_search']}"
-    return f"{c['recipe']}-w{c['bits']}a{c['bits']}-s{c['seed']}-i{c['iters']}{extra}"
+    # cifar10_vit's keys carry no model name: they were measured before the Swin column existed
+    model = "" if c.get("model", "cifar10_vit") == "cifar10_vit" else f"{c['model']}-"
+    return f"{model}{c['recipe']}-w{c['bits']}a{c['bits']}-s{c['seed']}-i{c['iters']}{extra}"
 
 
 def run_cell(c: dict, fp_model, loader, work: Path) -> dict:
@@ -188,6 +198,19 @@ def summarise(results: dict) -> str:
         f = lambda c, k, fmt: fmt.format(c[k]) if c else "-"  # noqa: E731
         lines.append(f"| {r} | {f(c4, 'top1', '{:.2f}')} | {f(c3, 'top1', '{:.2f}')} | {f(c4, 'seconds', '{:.0f}')} | "
                      f"{f(c3, 'seconds', '{:.0f}')} | {f(c3 or c4, 'peak_mem_mb', '{:.0f}')} |")
+    swin_fp = results.get("fp_top1_by_model", {}).get("cifar10_swin")
+    if swin_fp is not None:
+        lines += ["", "## `cifar10_swin` (seed 0)", "",
+                  f"The second reference model, FP top-1 **{swin_fp:.2f}%**, the same budget, with today's `mse` "
+                  "search (every calibration image) under every row (`--groups swin`).", "",
+                  "| recipe | W4A4 top-1 | W3A3 top-1 | W4A4 s | W3A3 s | peak MB |", "|---|---|---|---|---|---|"]
+        for r in CALIB_ONLY + RECON:
+            c4, c3 = (rows.get(cell_key(dict(model="cifar10_swin", recipe=r, bits=b, seed=0, iters=results["iters"])))
+                      for b in (4, 3))
+            f = lambda c, k, fmt: fmt.format(c[k]) if c else "-"  # noqa: E731
+            lines.append(f"| {r} | {f(c4, 'top1', '{:.2f}')} | {f(c3, 'top1', '{:.2f}')} | "
+                         f"{f(c4, 'seconds', '{:.0f}')} | {f(c3, 'seconds', '{:.0f}')} | "
+                         f"{f(c3 or c4, 'peak_mem_mb', '{:.0f}')} |")
     lines += ["", "## W3A3 over seeds 0, 1, 2", "", "| recipe | mean | std | runs |", "|---|---|---|---|"]
     for r in ("mse",) + RECON:
         accs = [c["top1"] for c in (cell(recipe=r, bits=3, seed=s, iters=results["iters"]) for s in (0, 1, 2)) if c]
@@ -237,12 +260,12 @@ def summarise(results: dict) -> str:
                   f"{deit['seconds_per_snapshot_125_images']:.1f} s per Fisher snapshot pass over {deit['images']} "
                   f"images. Projected cost of the paper's recipe (14 blocks x 20,000 iterations, k=5 over 1024 images) "
                   f"on this CPU: **{deit['projected_hours_full_recipe']:.0f} hours**; on a GPU see benchmarks/imagenet.md."]
-    missing = [cell_key(c) for c in cells(["main", "seeds", "rank", "form", "reproduce", "iters"], results["iters"])
+    missing = [cell_key(c) for c in cells(["main", "seeds", "rank", "form", "reproduce", "iters", "swin"], results["iters"])
                if cell_key(c) not in rows and cell_key({**c, "calib_search": "before"}) not in rows]
     if missing or not deit:
         lines += ["", "## Not measured yet", "",
                   "These cells of the full sweep have not run (each reconstruction cell costs 10-20 minutes of one "
-                  "CPU core here); `python benchmarks/fimaq.py --iters {} --groups main seeds rank form iters deit` "
+                  "CPU core here); `python benchmarks/fimaq.py --iters {} --groups main seeds rank form iters swin deit` "
                   "runs them and resumes this table: {}.".format(results["iters"], ", ".join(
                       missing + ([] if deit else ["deit"])))]
     lines += ["", f"Versions: {results['versions']}", ""]
@@ -261,7 +284,7 @@ def main() -> None:
                     default=Path(__file__).resolve().parents[2] / "shared/data/imagenet-sample-128.tar.gz")
     args = ap.parse_args()
     out_json = args.out / "fimaq.json"
-    results, groups = open_results(out_json, ("main", "seeds", "rank", "form", "reproduce", "iters", "deit"),
+    results, groups = open_results(out_json, ("main", "seeds", "rank", "form", "reproduce", "iters", "swin", "deit"),
                                    args.groups)
     results.update(iters=args.iters, versions=versions(),
                    command="python benchmarks/fimaq.py --iters {} --groups {}".format(args.iters, " ".join(groups)))
@@ -289,13 +312,24 @@ def main() -> None:
     results["retired_keys"] = sorted(set(results.get("retired_keys", [])))
 
     todo = [c for c in cells(args.groups, args.iters) if cell_key(c) not in results["cells"]]
+    models: dict = {}  # name -> (float model, test loader), loaded when a cell first needs it
+
+    def reference(name: str):
+        if name not in models:
+            fp_model = vitq.load_model(name)
+            loader = make_loader(build_dataset(resolve_data("cifar10"), "eval", eval_transform(fp_model)), EVAL_BATCH)
+            if name == "cifar10_vit" and "fp_top1" not in results:
+                results["fp_top1"] = evaluate(fp_model, loader, progress=False)["top1"]
+            by_model = results.setdefault("fp_top1_by_model", {})
+            if name != "cifar10_vit" and name not in by_model:
+                by_model[name] = evaluate(fp_model, loader, progress=False)["top1"]
+            models[name] = (fp_model, loader)
+        return models[name]
+
     if todo:
-        fp_model = vitq.load_model("cifar10_vit")
-        loader = make_loader(build_dataset(resolve_data("cifar10"), "eval", eval_transform(fp_model)), EVAL_BATCH)
-        if "fp_top1" not in results:
-            results["fp_top1"] = evaluate(fp_model, loader, progress=False)["top1"]
         for i, c in enumerate(todo):
             t0 = time.time()
+            fp_model, loader = reference(c.get("model", "cifar10_vit"))
             results["cells"][cell_key(c)] = run_cell(c, fp_model, loader, args.work)
             if cell_key(c) in results["retired_keys"]:  # measured anew: other sweeps may merge it again
                 results["retired_keys"].remove(cell_key(c))

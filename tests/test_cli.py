@@ -41,10 +41,12 @@ def test_eval_model_folder_on_image_folder(tiny_vit_dir, colour_tree, tmp_path, 
         assert "avx2" in machine["cpu_features"]
 
 
-@pytest.mark.skipif(not HAS_REFERENCE, reason="reference weights not built")
-def test_eval_reference_with_limit(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["cifar10_vit", "cifar10_swin"])
+def test_eval_reference_with_limit(name, tmp_path, capsys):
+    if not (reference_asset_dir(name) / "model.safetensors").is_file():
+        pytest.skip(f"{name} weights not built")
     out = tmp_path / "run"
-    code, stdout, _ = _run(["eval", "--model", "cifar10_vit", "--data", "cifar10", "--limit", "300",
+    code, stdout, _ = _run(["eval", "--model", name, "--data", "cifar10", "--limit", "300",
                             "--device", "cpu", "--out", str(out), "--quiet"], capsys)
     assert code == 0
     report = json.loads((out / "report.json").read_text())

@@ -28,6 +28,7 @@ from .errors import VitqError
 from .qmodules import QuantMode, set_mode
 from .recipes import Recipe, get_recipe, recipe_from_dict
 from .report import stage
+from .rotation import restore_rotations, rotate_linear_inputs
 from .runtime import resolve_device
 
 # v2: recipes with softmax_options, side branches in QuantLinear.side (v1 models: quantize again)
@@ -170,10 +171,12 @@ def _quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe, device: s
     stages: dict[str, dict[str, float]] = {}
     model.eval().to(dev)
     prepare(model, recipe.quant_spec())
+    rotated = rotate_linear_inputs(model, recipe.rotation, recipe.seed)
     with stage(stages, "calibration", dev):
         summary = calibrate(model, calib, recipe.calibration, dev, progress=progress, seed=recipe.seed)
         if recipe.target == "ort-int8":
             summary["zero_points_moved_into_codes"] = keep_zero_points_in_codes(model)
+    summary["rotated_layers"] = rotated
     if after_calibration is not None:
         after_calibration(model)
     recon = refined = None
@@ -241,6 +244,7 @@ def rebuild_quantized(config: dict[str, Any], state: dict[str, torch.Tensor]) ->
     model.pretrained_cfg = model.default_cfg = cfg
     prepare(model, QuantSpec(**config["spec"]))
     prepare_for_state_dict(model, state)
+    restore_rotations(model, state)
     side = config.get("lrc_side_ranks", {})
     if side:
         from .methods.aiqvit import restore_side_branches

@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the model will run: simulated (default: any quantizer), ort-int8 (onnxruntime "
                           "integer kernels: per-tensor activations, uniform post-softmax), ort-w4 (4-bit "
                           "weight-only); calibration and reconstruction keep to it; export with the same profile")
+    p_q.add_argument("--rotation", default=None,
+                     help="none, hadamard or orthogonal: rotate every quantized Linear's input (and its weight) by a randomised Hadamard or a "
+                          "random orthogonal matrix before calibration: spreads outlier channels (default: the "
+                          "recipe's, none for the classic recipes)")
     p_q.add_argument("--seed", type=int, default=0, help="fixes the calibration sample and every random draw")
     p_q.add_argument("--limit", type=_positive_int, default=None,
                      help="evaluate on a fixed random sample of N evaluation images")
@@ -381,7 +385,7 @@ def recipe_from_args(args: argparse.Namespace):
                       softmax_options=options, head_w_bits=args.head_bits, head_a_bits=args.head_bits,
                       patch_embed_w_bits=args.patch_embed_bits, calib_size=args.calib_size, seed=args.seed,
                       calibration=calibration or None, reconstruction=recon or None, aiq=aiq or None,
-                      refine=refine or None, target=args.target)
+                      refine=refine or None, target=args.target, rotation=args.rotation)
 
 
 # below this many iterations per block a run takes minutes: no estimate (measuring its floors costs seconds)

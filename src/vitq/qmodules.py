@@ -57,6 +57,8 @@ class QuantLinear(QuantModule):
 
     ``side`` is an optional plain submodule fed the quantized input (the same QDrop draw) whose
     output is added in ``QuantMode.QUANT`` (e.g. AIQViT's low-rank side branch); None by default.
+    ``input_rotation`` (None by default) maps the input before everything else, in every mode: an
+    orthogonal rotation whose inverse the weight already carries (:mod:`vitq.rotation`).
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None,
@@ -68,6 +70,7 @@ class QuantLinear(QuantModule):
         self.w_quantizer = w_quantizer
         self.a_quantizer = a_quantizer
         self.side: nn.Module | None = None
+        self.input_rotation: nn.Module | None = None
 
     @classmethod
     def from_float(cls, linear: nn.Linear, w_quantizer: Quantizer | None,
@@ -75,8 +78,12 @@ class QuantLinear(QuantModule):
         """Wrap an nn.Linear, sharing (not copying) its weight and bias Parameters."""
         return cls(linear.weight, linear.bias, w_quantizer, a_quantizer)
 
+    def layer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the quantizers and the weight see of an input ``x`` (``x`` rotated, if rotated)."""
+        return x if self.input_rotation is None else self.input_rotation(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._apply_q(self.a_quantizer, x, self.mode)
+        x = self._apply_q(self.a_quantizer, self.layer_input(x), self.mode)
         w = self._apply_q(self.w_quantizer, self.weight, self.mode)
         y = F.linear(x, w, self.bias)
         if self.side is not None and self.mode == QuantMode.QUANT:

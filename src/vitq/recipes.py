@@ -61,6 +61,7 @@ from .methods.aiqvit import AIQConfig
 from .quantizers import validate_bits
 from .reconstruction import ReconConfig
 from .reconstruction.refine import RefineConfig
+from .rotation import ROTATIONS
 
 # nested configs: the Recipe field and its dataclass
 _NESTED = {"calibration": CalibConfig, "reconstruction": ReconConfig, "aiq": AIQConfig, "refine": RefineConfig}
@@ -116,6 +117,8 @@ class Recipe:
     aiq: AIQConfig | None = None
     refine: RefineConfig | None = None   # end-to-end refinement after reconstruction (or calibration)
     target: str = "simulated"
+    # orthogonal rotation of every quantized Linear's input (vitq.rotation): none | hadamard | orthogonal
+    rotation: str = "none"
 
     def __post_init__(self) -> None:
         validate_bits(self.w_bits, "w_bits")
@@ -128,6 +131,8 @@ class Recipe:
             raise VitqError("AIQViT's low-rank compensation and curriculum need a reconstruction stage")
         if self.calib_size <= 0:
             raise VitqError(f"calib_size must be positive, got {self.calib_size}")
+        if self.rotation not in ROTATIONS:
+            raise VitqError(f"unknown rotation {self.rotation!r}: choose one of {', '.join(ROTATIONS)}")
         self.quant_spec()  # validates the remaining choices
 
     def quant_spec(self) -> QuantSpec:

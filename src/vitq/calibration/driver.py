@@ -41,8 +41,11 @@ def _capture_inputs(model: nn.Module, modules: list[tuple[str, QuantModule]], im
     handles = []
 
     def make_hook(name: str) -> Callable:
-        def hook(_mod: nn.Module, inputs: tuple) -> None:
-            store[name].append([t.detach() for t in inputs if isinstance(t, torch.Tensor)])
+        def hook(mod: nn.Module, inputs: tuple) -> None:
+            tensors = [t.detach() for t in inputs if isinstance(t, torch.Tensor)]
+            if isinstance(mod, QuantLinear):  # what its quantizers see (a rotated layer's rotated input)
+                tensors[0] = mod.layer_input(tensors[0])
+            store[name].append(tensors)
             if name == last:
                 raise StopForward
         return hook
@@ -161,8 +164,9 @@ def _calibrate_groups(model: nn.Module, groups: list[list[tuple[str, QuantModule
             role = layer_role(name)
             norm = prev_layernorm(model, name) if role in ("qkv", "fc1", "reduction") else None
             aq = getattr(module, "a_quantizer", None)
+            # a rotated layer's channels are not the LayerNorm's: the rotation replaces the fold there
             if (cfg.reparam and norm is not None and norm.weight is not None and isinstance(module, QuantLinear)
-                    and aq is not None and aq.grid_searchable):
+                    and module.input_rotation is None and aq is not None and aq.grid_searchable):
                 x2d = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
                 s_c, z_c = per_channel_params(x2d, aq.bits, cfg, seed)
                 _, _, r, b = reparam_layernorm(norm, module, s_c, z_c)

@@ -399,8 +399,11 @@ class _ExportLinear(nn.Module):
         self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
         self.bias = linear.bias
         self.a_marker, self.w_marker, self.side = a_marker, w_marker, linear.side
+        self.input_rotation = linear.input_rotation  # a float MatMul before the quantized one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
         if self.a_marker is not None:
             x = self.a_marker(x)
         w = self.weight_t if self.w_marker is None else self.w_marker(self.weight_t)

@@ -48,8 +48,9 @@ def _input_rms(block: nn.Module, layers: list[tuple[str, QuantLinear]], x: torch
     counts: dict[str, int] = {}
     handles = []
     for name, layer in layers:
-        def record(_m: nn.Module, inputs: tuple, name: str = name) -> None:
-            t = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+        def record(m: nn.Module, inputs: tuple, name: str = name) -> None:
+            x_in = m.layer_input(inputs[0].detach())  # the input the weight multiplies (rotated, if rotated)
+            t = x_in.reshape(-1, x_in.shape[-1]).float()
             sums[name] = sums.get(name, 0) + t.pow(2).sum(0)
             counts[name] = counts.get(name, 0) + t.shape[0]
         handles.append(layer.register_forward_pre_hook(record))
