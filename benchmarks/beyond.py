@@ -56,9 +56,9 @@ CHOSEN = dict(recipe="fimaq-diag", iters=250, refine=200, rrounding="soft")
 CALIB_SEARCH = {"max_search_tokens": 2048, "max_search_samples": 16, "max_search_elements": None}
 # cell fields beyond (model, recipe, bits, seed, iters) and their defaults: off
 EXTRA = {"glob": 0.0, "gevery": 1, "refine": 0, "rrounding": "hard", "rdrop": 1.0, "ract_lr": 4e-5, "rbias": False,
-         "rtemp": 1.0, "rot": "none"}
+         "rtemp": 1.0, "rot": "none", "rattn": False}
 LABELS = {"glob": "g", "gevery": "ge", "refine": "r", "rrounding": "", "rdrop": "rd", "ract_lr": "rlr",
-          "rbias": "rb", "rtemp": "rt", "rot": "rot"}
+          "rbias": "rb", "rtemp": "rt", "rot": "rot", "rattn": "ra"}
 
 
 def heldout_indices(n_train: int, optim_size: int) -> np.ndarray:
@@ -107,7 +107,10 @@ def cells(groups: list[str]) -> list[dict]:
                 cell("rotation", vit, **base, rot="hadamard", refine=200, rrounding="soft"),
                 cell("rotation", vit, recipe="mse", bits=3, seed=0, iters=0, rot="orthogonal"),
                 cell("rotation", vit, recipe="mse", bits=4, seed=0, iters=0, rot="hadamard"),
-                cell("rotation", vit, recipe="mse", bits=3, seed=0, iters=0)]
+                cell("rotation", vit, recipe="mse", bits=3, seed=0, iters=0),
+                # then q, k and v rotated too (rotate_attention)
+                cell("rotation", vit, recipe="mse", bits=3, seed=0, iters=0, rot="hadamard", rattn=True),
+                cell("rotation", vit, **base, rot="hadamard", rattn=True)]
     if "main" in groups:
         for model in MODELS:
             for bits in (3, 4):
@@ -127,14 +130,14 @@ def cell_key(c: dict) -> str:
 
 def block_stage_key(c: dict) -> str:
     """The work folder: cells that differ only in their refinement share the block stage."""
-    extra = "".join(f"-{LABELS[k]}{c[k]}" for k in ("glob", "gevery", "rot") if k in c)
+    extra = "".join(f"-{LABELS[k]}{c[k]}" for k in ("glob", "gevery", "rot", "rattn") if k in c)
     return f"{c['model']}-{c['recipe']}-w{c['bits']}a{c['bits']}-s{c['seed']}-i{c['iters']}{extra}"
 
 
 def recipe_of(c: dict):
     e = {**EXTRA, **c}
     recipe = vitq.get_recipe(c["recipe"], w_bits=c["bits"], a_bits=c["bits"], seed=c["seed"], calib_size=128,
-                             calibration=CALIB_SEARCH, rotation=e["rot"])
+                             calibration=CALIB_SEARCH, rotation=e["rot"], rotate_attention=e["rattn"])
     if recipe.reconstruction is not None:
         recipe = vitq.get_recipe(recipe, reconstruction={"iters": c["iters"], "global_weight": e["glob"],
                                                          "global_every": e["gevery"]})

@@ -22,6 +22,9 @@ stopped run resumes; the summary is written from whatever is cached):
     python benchmarks/calib_heldout.py --cells 3:0 3:1 3:2 3:3 3:4 4:3 4:4 &
     python benchmarks/calib_heldout.py --cells 4:0 4:1 4:2 ; wait
     python benchmarks/calib_heldout.py --summarise
+
+The same with ``--calib-size 512`` (512 images per subset) or ``--rotation hadamard`` (the mse recipe
+with rotated linear inputs) measures those settings on the same held-out images.
 """
 
 from __future__ import annotations
@@ -72,32 +75,41 @@ def loaders(fp: torch.nn.Module) -> dict:
             "heldout": make_loader(ArrayImageDataset(images[idx], labels[idx], tf), EVAL_BATCH)}
 
 
-def cell_path(work: Path, bits: int, seed: int, size: int) -> Path:
+ROTATIONS = ("none", "hadamard")  # the mse recipe as it is, and with rotated linear inputs (vitq.rotation)
+
+
+def cell_path(work: Path, bits: int, seed: int, size: int, rotation: str = "none") -> Path:
     """The cached predictions of one cell (the first measurement, 128 images, keeps its names)."""
-    return work / (f"mse-w{bits}-s{seed}.pt" if size == CALIB else f"mse-w{bits}-s{seed}-c{size}.pt")
+    name = f"mse-w{bits}-s{seed}" + ("" if size == CALIB else f"-c{size}")
+    return work / (name + ("" if rotation == "none" else f"-rot{rotation}") + ".pt")
 
 
-def run_cell(fp: torch.nn.Module, loads: dict, bits: int, seed: int, work: Path, size: int = CALIB) -> None:
+def setting_key(size: int, rotation: str) -> str:
+    return str(size) if rotation == "none" else f"{size}+{rotation}"
+
+
+def run_cell(fp: torch.nn.Module, loads: dict, bits: int, seed: int, work: Path, size: int = CALIB,
+             rotation: str = "none") -> None:
     """Calibrate `mse` at W{bits}A{bits} on seed's subset of ``size`` images and cache the predictions.
 
     ``vitq.calibration_images`` draws the first ``size`` of one seeded permutation, so seed s's
     128 images lie inside its 512.
     """
-    path = cell_path(work, bits, seed, size)
+    path = cell_path(work, bits, seed, size, rotation)
     if path.is_file():
         return
     calib = vitq.calibration_images(fp, "cifar10", size, seed=seed)
     model = copy.deepcopy(fp)
     t0 = time.perf_counter()
     vitq.quantize(model, calib, "mse", w_bits=bits, a_bits=bits, seed=seed, calib_size=size, device="cpu",
-                  progress=False)
+                  progress=False, rotation=rotation)
     seconds = time.perf_counter() - t0
     out = {"seconds": seconds}
     for split, loader in loads.items():
         out[split] = predict(model, loader)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, lambda fh: torch.save(out, fh))
-    print(f"W{bits}A{bits} seed {seed} ({size} images): test {100 * (out['test'][0] == out['test'][1]).float().mean():.2f} "
+    print(f"W{bits}A{bits} seed {seed} ({size} images, rotation {rotation}): test {100 * (out['test'][0] == out['test'][1]).float().mean():.2f} "
           f"({seconds:.0f} s calibration)", flush=True)
 
 
@@ -139,15 +151,17 @@ def heldout_mask(sizes: list[int]) -> torch.Tensor:
 def summarise(work: Path, out: Path) -> None:
     results: dict = {"command": "python benchmarks/calib_heldout.py (see its docstring: two processes per size, "
                                 "then --summarise)", "versions": versions(), "machine": machine(), "sizes": {}}
-    found = {size: {bits: [torch.load(cell_path(work, bits, s, size)) for s in SEEDS
-                           if cell_path(work, bits, s, size).is_file()] for bits in (4, 3)} for size in SIZES}
-    sizes = [size for size in SIZES if any(len(c) >= 2 for c in found[size].values())]
-    keep = heldout_mask(sizes)  # every size is scored on the same images: outside all of their subsets
+    found = {(size, rot): {bits: [torch.load(cell_path(work, bits, s, size, rot)) for s in SEEDS
+                                  if cell_path(work, bits, s, size, rot).is_file()] for bits in (4, 3)}
+             for size in SIZES for rot in ROTATIONS}
+    settings = [k for k in found if any(len(c) >= 2 for c in found[k].values())]
+    # every setting is scored on the same images: outside all subsets of every size
+    keep = heldout_mask(sorted({size for size, _ in settings}))
     results["heldout_images"] = int(keep.sum())
-    for size in sizes:
+    for size, rot in settings:
         per_bits = {}
         for bits in (4, 3):
-            cells = found[size][bits]
+            cells = found[size, rot][bits]
             if len(cells) < 2:
                 continue
             labels = {"test": cells[0]["test"][1], "heldout": cells[0]["heldout"][1][keep]}
@@ -158,7 +172,7 @@ def summarise(work: Path, out: Path) -> None:
             r["all"] = spread_stats([torch.cat([a, b]) for a, b in zip(preds["test"], preds["heldout"])],
                                     torch.cat([labels["test"], labels["heldout"]]))
             per_bits[f"w{bits}a{bits}"] = r
-        results["sizes"][str(size)] = per_bits
+        results["sizes"][setting_key(size, rot)] = per_bits
     atomic_write_bytes(out / "calib_heldout.json", lambda fh: fh.write(json.dumps(results, indent=2).encode()))
     n_all = 10_000 + results["heldout_images"]
     lines = ["# Calibration spread without the evaluation noise", "", f"Command: `{results['command']}`", "",
@@ -174,7 +188,7 @@ def summarise(work: Path, out: Path) -> None:
              "process, two processes side by side, so the seconds run high; the machine is in the JSON.", "",
              "*p(noise)*: how often noise alone gives 5 equally good models an observed spread this large "
              "(simulated).", "",
-             "| images | bits | scored on | top-1 per seed | mean | observed spread | noise spread of 5 | p(noise) | "
+             "| images (+ rotation) | bits | scored on | top-1 per seed | mean | observed spread | noise spread of 5 | p(noise) | "
              "true sd | expected true spread of 5 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for size, per_bits in results["sizes"].items():
         for key, r in per_bits.items():
@@ -207,6 +221,17 @@ def summarise(work: Path, out: Path) -> None:
                   + ". Four times the images did not shrink the W4A4 spread, so the images' sampling is not its "
                   "main source (the search's discrete choices are a candidate, untested); with lower means at both "
                   "widths and 2.4x the time, the default stays at 128."]
+    rotated = [k for k in both if "+" in k]
+    for key in rotated:
+        plain = key.split("+")[0]
+        if plain in both:
+            lines += ["", f"With rotated linear inputs (`rotation={key.split('+')[1]}`, {plain} images): the estimated "
+                      "spread of the expected top-1 " + ", ".join(
+                          f"{k.upper()} {both[plain][k]['all']['expected_true_spread_of_5']:.2f} -> "
+                          f"{both[key][k]['all']['expected_true_spread_of_5']:.2f}" for k in both[key] if k in both[plain])
+                      + ", the mean " + ", ".join(
+                          f"{k.upper()} {both[plain][k]['all']['mean']:.2f} -> {both[key][k]['all']['mean']:.2f}"
+                          for k in both[key] if k in both[plain]) + "."]
     lines += ["", "Mean calibration seconds (one thread): " + "; ".join(
         f"{size} images " + ", ".join(f"{k.upper()} {r['calib_seconds']:.0f}" for k, r in per_bits.items())
         for size, per_bits in results["sizes"].items()), "", f"Versions: {results['versions']}", ""]
@@ -219,6 +244,7 @@ def main() -> None:
                     help="BITS:SEED cells this process runs")
     ap.add_argument("--summarise", action="store_true", help="only write the summary of the cached cells")
     ap.add_argument("--calib-size", type=int, choices=SIZES, default=CALIB, help="images per calibration subset")
+    ap.add_argument("--rotation", choices=ROTATIONS, default="none", help="the mse recipe's rotation setting")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_calib_heldout"))
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--threads", type=int, default=1)
@@ -229,7 +255,7 @@ def main() -> None:
         loads = loaders(fp)
         for c in args.cells:
             bits, seed = map(int, c.split(":"))
-            run_cell(fp, loads, bits, seed, args.work, args.calib_size)
+            run_cell(fp, loads, bits, seed, args.work, args.calib_size, args.rotation)
     summarise(args.work, args.out)
 
 

@@ -15,7 +15,8 @@ from vitq.adapters import QuantSpec, prepare
 from vitq.cli import main
 from vitq.errors import VitqError
 from vitq.qmodules import QuantLinear, QuantMode, quant_modules, set_mode
-from vitq.rotation import hadamard_matrix, hadamard_order_supported, random_orthogonal, rotate_linear_inputs
+from vitq.rotation import (hadamard_matrix, hadamard_order_supported, random_orthogonal, rotate_attention_operands,
+                           rotate_linear_inputs)
 
 CALIB = dict(calib_size=16, progress=False, device="cpu")
 
@@ -52,11 +53,32 @@ def test_rotation_leaves_the_float_model_unchanged(build, kind, images):
     names = rotate_linear_inputs(model, kind, seed=0)
     linears = [n for n, m in quant_modules(model) if isinstance(m, QuantLinear) and m.a_quantizer is not None]
     assert names == linears and len(names) >= 8
+    matmuls = rotate_attention_operands(model, kind, seed=0)
+    assert len(matmuls) == 2 * len([n for n in names if n.endswith("qkv")])
     set_mode(model, QuantMode.FLOAT)
     with torch.no_grad():
         assert torch.allclose(model(images[:4]), ref, atol=1e-4)
+    # the quantizers see other operands than the float model has, whose products are the same
+    blk = model.get_submodule(matmuls[0].rsplit(".", 1)[0])
+    seen = {}
+    def record(mod, args, name):
+        seen.setdefault(name, (args, mod.layer_inputs(*args)))  # returns None: the inputs stay as they are
+
+    hooks = [getattr(blk, m).register_forward_pre_hook(lambda mod, args, m=m: record(mod, args, m))
+             for m in ("matmul1", "matmul2")]
+    with torch.no_grad():
+        model(images[:2])
+    for h in hooks:
+        h.remove()
+    (q, kt), (q_r, kt_r) = seen["matmul1"]
+    assert not torch.allclose(q_r, q, atol=1e-3) and torch.allclose(q_r @ kt_r, q @ kt, atol=1e-4)
+    (attn, v), (_, v_r) = seen["matmul2"]
+    r = blk.matmul2.operand_rotation.matrix
+    assert not torch.allclose(v_r, v, atol=1e-3) and torch.allclose((attn @ v_r) @ r.t(), attn @ v, atol=1e-5)
     with pytest.raises(VitqError, match="rotated already"):
         rotate_linear_inputs(model, kind, seed=0)
+    with pytest.raises(VitqError, match="rotated already"):
+        rotate_attention_operands(model, kind, seed=0)
 
 
 def test_rotation_cuts_the_error_of_outlier_channels(images):
@@ -102,7 +124,9 @@ def test_mse_recipe_folds_only_unrotated_layers(images):
 
 
 def test_rotated_model_saves_packs_and_exports(images, tmp_path):
-    q = vitq.quantize(tiny_swin(), images, "minmax", w_bits=4, a_bits=4, rotation="hadamard", **CALIB)
+    q = vitq.quantize(tiny_swin(), images, "minmax", w_bits=4, a_bits=4, rotation="hadamard",
+                      rotate_attention=True, **CALIB)
+    assert q.layers[0].blocks[0].attn.matmul2.operand_rotation is not None
     arch = {"timm_name": "swin_tiny_patch4_window7_224", "arch_kwargs": TINY_SWIN}
     with torch.no_grad():
         ref = q(images[:8])
@@ -125,6 +149,8 @@ def test_rotated_model_saves_packs_and_exports(images, tmp_path):
 def test_bad_rotation_is_one_line(tiny_vit_dir, colour_tree, tmp_path, capsys):
     with pytest.raises(VitqError, match="unknown rotation 'householder'"):
         vitq.get_recipe("mse", rotation="householder")
+    with pytest.raises(VitqError, match="rotate_attention needs a rotation"):
+        vitq.get_recipe("mse", rotate_attention=True)
     code = main(["quantize", "--model", str(tiny_vit_dir), "--data", str(colour_tree), "--recipe", "minmax",
                  "--rotation", "householder", "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err

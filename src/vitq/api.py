@@ -28,7 +28,7 @@ from .errors import VitqError
 from .qmodules import QuantMode, set_mode
 from .recipes import Recipe, get_recipe, recipe_from_dict
 from .report import stage
-from .rotation import restore_rotations, rotate_linear_inputs
+from .rotation import restore_rotations, rotate_attention_operands, rotate_linear_inputs
 from .runtime import resolve_device
 
 # v2: recipes with softmax_options, side branches in QuantLinear.side (v1 models: quantize again)
@@ -172,6 +172,8 @@ def _quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe, device: s
     model.eval().to(dev)
     prepare(model, recipe.quant_spec())
     rotated = rotate_linear_inputs(model, recipe.rotation, recipe.seed)
+    if recipe.rotate_attention:
+        rotated += rotate_attention_operands(model, recipe.rotation, recipe.seed)
     with stage(stages, "calibration", dev):
         summary = calibrate(model, calib, recipe.calibration, dev, progress=progress, seed=recipe.seed)
         if recipe.target == "ort-int8":

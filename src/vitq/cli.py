@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="none, hadamard or orthogonal: rotate every quantized Linear's input (and its weight) by a randomised Hadamard or a "
                           "random orthogonal matrix before calibration: spreads outlier channels (default: the "
                           "recipe's, none for the classic recipes)")
+    p_q.add_argument("--rotate-attention", action=argparse.BooleanOptionalAction, default=None,
+                     help="with --rotation: rotate the attention matmuls' operands (q, k, v) too")
     p_q.add_argument("--seed", type=int, default=0, help="fixes the calibration sample and every random draw")
     p_q.add_argument("--limit", type=_positive_int, default=None,
                      help="evaluate on a fixed random sample of N evaluation images")
@@ -385,7 +387,8 @@ def recipe_from_args(args: argparse.Namespace):
                       softmax_options=options, head_w_bits=args.head_bits, head_a_bits=args.head_bits,
                       patch_embed_w_bits=args.patch_embed_bits, calib_size=args.calib_size, seed=args.seed,
                       calibration=calibration or None, reconstruction=recon or None, aiq=aiq or None,
-                      refine=refine or None, target=args.target, rotation=args.rotation)
+                      refine=refine or None, target=args.target, rotation=args.rotation,
+                      rotate_attention=args.rotate_attention)
 
 
 # below this many iterations per block a run takes minutes: no estimate (measuring its floors costs seconds)

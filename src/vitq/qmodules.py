@@ -96,17 +96,39 @@ class QuantLinear(QuantModule):
 
 
 class QuantMatMul(QuantModule):
-    """``aq(a) @ bq(b)`` (activation-activation product inside attention)."""
+    """``aq(a) @ bq(b)`` (activation-activation product inside attention).
+
+    ``operand_rotation`` (None by default) holds an orthogonal ``R`` that the operands are rotated by
+    before quantization without changing the product (:mod:`vitq.rotation`): with ``rotates ==
+    "contracted"`` (q @ kᵀ) ``(a R)(Rᵀ b)``, with ``"b_and_output"`` (attn @ v) ``(a (b R)) Rᵀ``.
+    """
+
+    ROTATION_KINDS = ("contracted", "b_and_output")
 
     def __init__(self, a_quantizer: Quantizer | None = None, b_quantizer: Quantizer | None = None) -> None:
         super().__init__()
         self.a_quantizer = a_quantizer
         self.b_quantizer = b_quantizer
+        self.operand_rotation: nn.Module | None = None
+        self.rotates = "contracted"
+
+    def layer_inputs(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the quantizers see of the operands (rotated, if rotated)."""
+        if self.operand_rotation is None:
+            return a, b
+        r = self.operand_rotation.matrix.to(b.dtype)
+        if self.rotates == "contracted":
+            return a @ r, r.t() @ b
+        return a, b @ r
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = self.layer_inputs(a, b)
         a = self._apply_q(self.a_quantizer, a, self.mode)
         b = self._apply_q(self.b_quantizer, b, self.mode)
-        return a @ b
+        out = a @ b
+        if self.operand_rotation is not None and self.rotates == "b_and_output":
+            out = out @ self.operand_rotation.matrix.to(out.dtype).t()
+        return out
 
     def extra_repr(self) -> str:
         return f"mode={self.mode.value}"

@@ -119,6 +119,8 @@ class Recipe:
     target: str = "simulated"
     # orthogonal rotation of every quantized Linear's input (vitq.rotation): none | hadamard | orthogonal
     rotation: str = "none"
+    # with a rotation: rotate the attention matmuls' operands (q, k, v) too, by one of the head width
+    rotate_attention: bool = False
 
     def __post_init__(self) -> None:
         validate_bits(self.w_bits, "w_bits")
@@ -133,6 +135,8 @@ class Recipe:
             raise VitqError(f"calib_size must be positive, got {self.calib_size}")
         if self.rotation not in ROTATIONS:
             raise VitqError(f"unknown rotation {self.rotation!r}: choose one of {', '.join(ROTATIONS)}")
+        if self.rotate_attention and self.rotation == "none":
+            raise VitqError("rotate_attention needs a rotation: set rotation='hadamard' (--rotation hadamard)")
         self.quant_spec()  # validates the remaining choices
 
     def quant_spec(self) -> QuantSpec:

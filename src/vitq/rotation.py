@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .errors import VitqError
-from .qmodules import QuantLinear, quant_modules
+from .qmodules import QuantLinear, QuantMatMul, quant_modules
 
 ROTATIONS = ("none", "hadamard", "orthogonal")
 
@@ -124,25 +124,70 @@ def rotate_linear_inputs(model: nn.Module, kind: str, seed: int = 0) -> list[str
     return done
 
 
+def _head_dim(attention: nn.Module, name: str) -> int:
+    """The per-head width of the attention module that owns a matmul (the operands' last dim)."""
+    if isinstance(getattr(attention, "head_dim", None), int):
+        return attention.head_dim
+    qkv, heads = getattr(attention, "qkv", None), getattr(attention, "num_heads", None)
+    if isinstance(qkv, nn.Module) and isinstance(heads, int) and hasattr(qkv, "out_features"):
+        return qkv.out_features // (3 * heads)
+    raise VitqError(f"cannot tell the head width of {name}: attention rotation needs head_dim or qkv + num_heads")
+
+
+def rotate_attention_operands(model: nn.Module, kind: str, seed: int = 0) -> list[str]:
+    """Rotate the operands of every attention matmul by an orthogonal matrix of the head width.
+
+    q @ kᵀ becomes ``(q R)(k R)ᵀ`` and attn @ v ``(attn (v R)) Rᵀ``: the same products, while the
+    operand quantizers see q, k and v with their outlier channels spread. Returns the matmuls' names.
+    """
+    if kind not in ROTATIONS:
+        raise VitqError(f"unknown rotation {kind!r}: choose one of {', '.join(ROTATIONS)}")
+    if kind == "none":
+        return []
+    from .adapters import layer_role
+
+    gen = torch.Generator().manual_seed(seed + 1)  # a stream of its own: the linear rotations keep theirs
+    done = []
+    for name, module in quant_modules(model):
+        if not isinstance(module, QuantMatMul) or (module.a_quantizer is None and module.b_quantizer is None):
+            continue
+        role = layer_role(name)
+        if role not in ("matmul1", "matmul2"):
+            continue
+        if module.operand_rotation is not None:
+            raise VitqError(f"{name} is rotated already: rotate a freshly prepared model")
+        d = _head_dim(model.get_submodule(name.rsplit(".", 1)[0]), name)
+        matrix = hadamard_matrix(d, gen) if kind == "hadamard" else random_orthogonal(d, gen)
+        module.operand_rotation = InputRotation(matrix)
+        module.rotates = "contracted" if role == "matmul1" else "b_and_output"
+        done.append(name)
+    return done
+
+
 def restore_rotations(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Give a freshly prepared ``model`` the rotations a saved state has (before ``load_state_dict``)."""
+    from .adapters import layer_role
+
     done = []
-    suffix = ".input_rotation.matrix"
     for key, value in state.items():
-        if not key.endswith(suffix):
+        slot = key.rsplit(".", 2)[-2] if key.endswith(".matrix") else None
+        if slot not in ("input_rotation", "operand_rotation"):
             continue
-        name = key[: -len(suffix)]
+        name = key[: -len(f".{slot}.matrix")]
         try:
             layer = model.get_submodule(name)
         except AttributeError:
             raise VitqError(f"the saved model rotates {name!r}, which this architecture lacks: "
                             "it was saved from another model") from None
-        if not isinstance(layer, QuantLinear):
-            raise VitqError(f"the saved model rotates {name!r}, a {type(layer).__name__} here, not a QuantLinear")
-        layer.input_rotation = InputRotation(torch.zeros_like(value, dtype=torch.float32))
+        want = QuantLinear if slot == "input_rotation" else QuantMatMul
+        if not isinstance(layer, want):
+            raise VitqError(f"the saved model rotates {name!r}, a {type(layer).__name__} here, not a {want.__name__}")
+        setattr(layer, slot, InputRotation(torch.zeros_like(value, dtype=torch.float32)))
+        if slot == "operand_rotation":
+            layer.rotates = "contracted" if layer_role(name) == "matmul1" else "b_and_output"
         done.append(name)
     return done
 
 
 __all__ = ["ROTATIONS", "InputRotation", "hadamard_matrix", "hadamard_order_supported", "random_orthogonal",
-           "restore_rotations", "rotate_linear_inputs"]
+           "restore_rotations", "rotate_attention_operands", "rotate_linear_inputs"]

@@ -43,8 +43,11 @@ def _capture_inputs(model: nn.Module, modules: list[tuple[str, QuantModule]], im
     def make_hook(name: str) -> Callable:
         def hook(mod: nn.Module, inputs: tuple) -> None:
             tensors = [t.detach() for t in inputs if isinstance(t, torch.Tensor)]
-            if isinstance(mod, QuantLinear):  # what its quantizers see (a rotated layer's rotated input)
+            # what its quantizers see (a rotated layer's rotated inputs)
+            if isinstance(mod, QuantLinear):
                 tensors[0] = mod.layer_input(tensors[0])
+            elif isinstance(mod, QuantMatMul):
+                tensors[:2] = mod.layer_inputs(*tensors[:2])
             store[name].append(tensors)
             if name == last:
                 raise StopForward
