@@ -1,4 +1,4 @@
-"""Beyond FIMA-Q: the global loss term, end-to-end refinement and their combinations (issue 15).
+"""Beyond FIMA-Q: the global loss term, end-to-end refinement, rotation and their combinations (issue 15).
 
 Every cell calibrates and reconstructs a reference model through ``vitq.quantize_with_summary``
 (the path ``vitq quantize`` takes) and is scored twice: on a **held-out part of the training
@@ -9,6 +9,8 @@ Groups:
 
 * ``tune``: ``cifar10_vit`` W3A3 seed 0, the candidate settings (global term weight / frequency,
   refinement with hard or soft rounding, its QDrop and learning rate, the block budget under it);
+* ``rotation``: the same with rotated linear inputs (and attention operands), calibration alone and
+  under the block stage;
 * ``main``: the chosen recipe (``CHOSEN``) and ``fimaq`` on both models, W3A3 and W4A4, seeds 0-2;
 * ``compute``: ``fimaq`` at 2,000 iterations per block (seed 0, W3A3, both models), whose
   accuracy and wall time the chosen recipe is measured against in the same run.
@@ -19,7 +21,7 @@ Results go to ``beyond.json`` / ``beyond.md`` after every cell; a rerun skips fi
 
 Reproduce:
 
-    python benchmarks/beyond.py --groups tune main compute
+    python benchmarks/beyond.py --groups tune rotation main compute
 """
 
 from __future__ import annotations
@@ -105,12 +107,12 @@ def cells(groups: list[str]) -> list[dict]:
         out += [cell("rotation", vit, recipe="mse", bits=3, seed=0, iters=0, rot="hadamard"),
                 cell("rotation", vit, **base, rot="hadamard"),
                 cell("rotation", vit, **base, rot="hadamard", refine=200, rrounding="soft"),
-                cell("rotation", vit, recipe="mse", bits=3, seed=0, iters=0, rot="orthogonal"),
-                cell("rotation", vit, recipe="mse", bits=4, seed=0, iters=0, rot="hadamard"),
-                cell("rotation", vit, recipe="mse", bits=3, seed=0, iters=0),
-                # then q, k and v rotated too (rotate_attention)
+                # q, k and v rotated too (rotate_attention)
                 cell("rotation", vit, recipe="mse", bits=3, seed=0, iters=0, rot="hadamard", rattn=True),
-                cell("rotation", vit, **base, rot="hadamard", rattn=True)]
+                cell("rotation", vit, **base, rot="hadamard", rattn=True),
+                cell("rotation", vit, recipe="mse", bits=3, seed=0, iters=0),
+                cell("rotation", vit, recipe="mse", bits=3, seed=0, iters=0, rot="orthogonal"),
+                cell("rotation", vit, recipe="mse", bits=4, seed=0, iters=0, rot="hadamard")]
     if "main" in groups:
         for model in MODELS:
             for bits in (3, 4):
@@ -203,7 +205,7 @@ def _mean_sd(values: list[float]) -> str:
 def summarise(results: dict) -> str:
     rows = results["cells"]
     fp = results.get("fp", {})
-    lines = ["# Beyond FIMA-Q: global loss term and end-to-end refinement", "",
+    lines = ["# Beyond FIMA-Q: global loss term, end-to-end refinement, rotation", "",
              f"Command: `{results['command']}`", "",
              "Every cell: 1024 optimisation and 128 calibration images from the training split, batch 32, the "
              "`mse` calibration with its search scored on a subsample (16 images / 2,048 rows, as in "
@@ -215,6 +217,10 @@ def summarise(results: dict) -> str:
              "FP top-1: " + ", ".join(f"`{m}` test {v['test']:.2f} / held-out {v['heldout']:.2f}"
                                       for m, v in fp.items()), "",
              "## Tuning (cifar10_vit, W3A3, seed 0)", "",
+             "Cell names: `i` iterations per block, `r` refinement iterations (`soft`: rounding learned again), "
+             "`g`/`ge` global-term weight / every n-th iteration, `rd` refinement QDrop, `rlr` its learning rate, "
+             "`rb` learned biases, `rt` its temperature, `rot` the rotation of every quantized Linear's input "
+             "(vitq.rotation), `raTrue` the attention operands rotated too.", "",
              "Agreement: the share of images whose top-1 class is the float model's; KL: the mean "
              "KL(float || quantized) of the softmax outputs. Both are paired with the float model and tell "
              "settings apart with less noise than top-1.", "",

@@ -15,8 +15,8 @@ from vitq.adapters import QuantSpec, prepare
 from vitq.cli import main
 from vitq.errors import VitqError
 from vitq.qmodules import QuantLinear, QuantMode, quant_modules, set_mode
-from vitq.rotation import (hadamard_matrix, hadamard_order_supported, random_orthogonal, rotate_attention_operands,
-                           rotate_linear_inputs)
+from vitq.rotation import (hadamard_matrix, hadamard_order_supported, make_rotation, random_orthogonal,
+                           rotate_attention_operands, rotate_linear_inputs)
 
 CALIB = dict(calib_size=16, progress=False, device="cpu")
 
@@ -33,6 +33,19 @@ def test_hadamard_rotations_are_orthogonal_and_spread_every_channel(d):
     assert torch.allclose(r @ r.T, torch.eye(d, dtype=torch.float64), atol=1e-10)
     # every entry has the same magnitude: one channel's outlier lands on all channels equally
     assert torch.allclose(r.abs(), torch.full_like(r, d ** -0.5))
+
+
+@pytest.mark.parametrize("kind,d", [("hadamard", 48), ("hadamard", 768), ("hadamard", 320), ("orthogonal", 30)])
+def test_rotation_module_applies_its_matrix_and_inverse(kind, d):
+    rot = make_rotation(kind, d, torch.Generator().manual_seed(1))
+    dense = rot.dense()
+    assert torch.allclose(dense @ dense.T, torch.eye(d), atol=1e-5)
+    if kind == "hadamard":  # the factored form is the dense matrix of the same draw
+        assert rot.factored and torch.allclose(dense, hadamard_matrix(d, torch.Generator().manual_seed(1)).float(),
+                                               atol=1e-6)
+    x = torch.randn(2, 5, d)
+    assert torch.allclose(rot(x), x @ dense, atol=1e-5)
+    assert torch.allclose(rot.inverse(rot(x)), x, atol=1e-5)
 
 
 def test_unsupported_hadamard_order_names_the_fix():
@@ -73,7 +86,7 @@ def test_rotation_leaves_the_float_model_unchanged(build, kind, images):
     (q, kt), (q_r, kt_r) = seen["matmul1"]
     assert not torch.allclose(q_r, q, atol=1e-3) and torch.allclose(q_r @ kt_r, q @ kt, atol=1e-4)
     (attn, v), (_, v_r) = seen["matmul2"]
-    r = blk.matmul2.operand_rotation.matrix
+    r = blk.matmul2.operand_rotation.dense()
     assert not torch.allclose(v_r, v, atol=1e-3) and torch.allclose((attn @ v_r) @ r.t(), attn @ v, atol=1e-5)
     with pytest.raises(VitqError, match="rotated already"):
         rotate_linear_inputs(model, kind, seed=0)

@@ -114,12 +114,12 @@ class QuantMatMul(QuantModule):
 
     def layer_inputs(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the quantizers see of the operands (rotated, if rotated)."""
-        if self.operand_rotation is None:
+        rot = self.operand_rotation
+        if rot is None:
             return a, b
-        r = self.operand_rotation.matrix.to(b.dtype)
-        if self.rotates == "contracted":
-            return a @ r, r.t() @ b
-        return a, b @ r
+        if self.rotates == "contracted":  # Rᵀ b = (bᵀ R)ᵀ
+            return rot(a), rot(b.transpose(-2, -1)).transpose(-2, -1)
+        return a, rot(b)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a, b = self.layer_inputs(a, b)
@@ -127,7 +127,7 @@ class QuantMatMul(QuantModule):
         b = self._apply_q(self.b_quantizer, b, self.mode)
         out = a @ b
         if self.operand_rotation is not None and self.rotates == "b_and_output":
-            out = out @ self.operand_rotation.matrix.to(out.dtype).t()
+            out = self.operand_rotation.inverse(out)
         return out
 
     def extra_repr(self) -> str:

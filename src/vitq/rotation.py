@@ -57,23 +57,27 @@ def _power_of_two(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def hadamard_matrix(d: int, generator: torch.Generator) -> torch.Tensor:
-    """A randomised Hadamard rotation of order ``d``: ``diag(±1) H / sqrt(d)`` (orthogonal, float64).
-
-    ``H`` is Sylvester's for a power of two, else a Paley core (12 or 20) Kronecker a Sylvester
-    matrix; random signs make rotations of different layers differ.
+def hadamard_factors(d: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A randomised Hadamard rotation of order ``d`` as ``(signs, left, right)`` (float64):
+    ``R = diag(signs) kron(left, right)`` with ``left`` a normalised Paley core of order 12 or 20 (or
+    ``[[1]]``) and ``right`` a normalised Sylvester matrix; random signs make layers' rotations differ.
     """
     for core, prime in ((1, None), *_CORES.items()):
         if d % core == 0 and _power_of_two(d // core):
-            h = _sylvester(d // core)
-            if prime is not None:
-                h = torch.kron(_paley(prime), h)
+            left = _paley(prime) / math.sqrt(core) if prime is not None else torch.ones(1, 1, dtype=torch.float64)
+            right = _sylvester(d // core) / math.sqrt(d // core)
             break
     else:
         raise VitqError(f"no Hadamard matrix of order {d} here (supported: 2^k, 12*2^k, 20*2^k): "
                         "use rotation='orthogonal'")
     signs = torch.randint(0, 2, (d,), generator=generator, dtype=torch.float64) * 2 - 1
-    return signs[:, None] * h / math.sqrt(d)
+    return signs, left, right
+
+
+def hadamard_matrix(d: int, generator: torch.Generator) -> torch.Tensor:
+    """:func:`hadamard_factors` as one dense orthogonal matrix (float64)."""
+    signs, left, right = hadamard_factors(d, generator)
+    return signs[:, None] * torch.kron(left, right)
 
 
 def random_orthogonal(d: int, generator: torch.Generator) -> torch.Tensor:
@@ -84,17 +88,66 @@ def random_orthogonal(d: int, generator: torch.Generator) -> torch.Tensor:
 
 
 class InputRotation(nn.Module):
-    """``x -> x R`` for a fixed orthogonal ``R`` (buffer ``matrix``, saved with the model)."""
+    """``x -> x R`` on the last dimension for a fixed orthogonal ``R``, saved with the model.
 
-    def __init__(self, matrix: torch.Tensor) -> None:
+    Either a dense ``matrix`` (a random orthogonal R) or Hadamard factors ``signs``, ``left`` (c, c),
+    ``right`` (m, m) with ``R = diag(signs) kron(left, right)``: ``x R`` is then
+    ``leftᵀ X right`` on ``x ⊙ signs`` viewed as (c, m), (c + m) multiply-adds per element instead
+    of d (fc2's 768-wide input: 76 instead of 768).
+    """
+
+    def __init__(self, matrix: torch.Tensor | None = None,
+                 factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
-        self.register_buffer("matrix", matrix.float().contiguous())
+        if (matrix is None) == (factors is None):
+            raise ValueError("give a dense matrix or Hadamard factors")
+        if matrix is not None:
+            self.register_buffer("matrix", matrix.float().contiguous())
+            self.order = matrix.shape[0]
+        else:
+            signs, left, right = factors
+            self.register_buffer("signs", signs.float().contiguous())
+            self.register_buffer("left", left.float().contiguous())
+            self.register_buffer("right", right.float().contiguous())
+            self.order = signs.shape[0]
+
+    @property
+    def factored(self) -> bool:
+        return not hasattr(self, "matrix")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.matrix.to(x.dtype)
+        """``x R``."""
+        if not self.factored:
+            return x @ self.matrix.to(x.dtype)
+        c, m = self.left.shape[0], self.right.shape[0]
+        y = (x * self.signs.to(x.dtype)).reshape(*x.shape[:-1], c, m)
+        if c > 1:
+            y = self.left.t().to(x.dtype) @ y
+        return (y @ self.right.to(x.dtype)).reshape(x.shape)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Rᵀ``."""
+        if not self.factored:
+            return x @ self.matrix.to(x.dtype).t()
+        c, m = self.left.shape[0], self.right.shape[0]
+        y = x.reshape(*x.shape[:-1], c, m) @ self.right.t().to(x.dtype)
+        if c > 1:
+            y = self.left.to(x.dtype) @ y
+        return y.reshape(x.shape) * self.signs.to(x.dtype)
+
+    def dense(self) -> torch.Tensor:
+        """R itself (float32)."""
+        return self(torch.eye(self.order, device=self.signs.device if self.factored else self.matrix.device))
 
     def extra_repr(self) -> str:
-        return f"order={self.matrix.shape[0]}"
+        return f"order={self.order}" + (", hadamard factors" if self.factored else "")
+
+
+def make_rotation(kind: str, d: int, generator: torch.Generator) -> InputRotation:
+    """A rotation of order ``d``: factored randomised Hadamard or dense random orthogonal."""
+    if kind == "hadamard":
+        return InputRotation(factors=hadamard_factors(d, generator))
+    return InputRotation(matrix=random_orthogonal(d, generator))
 
 
 def rotate_linear_inputs(model: nn.Module, kind: str, seed: int = 0) -> list[str]:
@@ -114,12 +167,11 @@ def rotate_linear_inputs(model: nn.Module, kind: str, seed: int = 0) -> list[str
             continue
         if module.input_rotation is not None:
             raise VitqError(f"{name} is rotated already: rotate a freshly prepared model")
-        d = module.in_features
-        matrix = hadamard_matrix(d, gen) if kind == "hadamard" else random_orthogonal(d, gen)
+        rotation = make_rotation(kind, module.in_features, gen).to(module.weight.device)
         with torch.no_grad():
             w = module.weight
-            w.copy_((w.double() @ matrix.to(w.device)).to(w.dtype))
-        module.input_rotation = InputRotation(matrix).to(module.weight.device)
+            w.copy_(rotation(w.float()).to(w.dtype))  # every row w_i becomes w_i R
+        module.input_rotation = rotation
         done.append(name)
     return done
 
@@ -157,8 +209,7 @@ def rotate_attention_operands(model: nn.Module, kind: str, seed: int = 0) -> lis
         if module.operand_rotation is not None:
             raise VitqError(f"{name} is rotated already: rotate a freshly prepared model")
         d = _head_dim(model.get_submodule(name.rsplit(".", 1)[0]), name)
-        matrix = hadamard_matrix(d, gen) if kind == "hadamard" else random_orthogonal(d, gen)
-        module.operand_rotation = InputRotation(matrix)
+        module.operand_rotation = make_rotation(kind, d, gen)
         module.rotates = "contracted" if role == "matmul1" else "b_and_output"
         done.append(name)
     return done
@@ -168,12 +219,13 @@ def restore_rotations(model: nn.Module, state: dict[str, torch.Tensor]) -> list[
     """Give a freshly prepared ``model`` the rotations a saved state has (before ``load_state_dict``)."""
     from .adapters import layer_role
 
-    done = []
+    found: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in state.items():
-        slot = key.rsplit(".", 2)[-2] if key.endswith(".matrix") else None
-        if slot not in ("input_rotation", "operand_rotation"):
-            continue
-        name = key[: -len(f".{slot}.matrix")]
+        parts = key.rsplit(".", 2)
+        if len(parts) == 3 and parts[1] in ("input_rotation", "operand_rotation"):
+            found.setdefault((parts[0], parts[1]), {})[parts[2]] = value
+    done = []
+    for (name, slot), tensors in found.items():
         try:
             layer = model.get_submodule(name)
         except AttributeError:
@@ -182,12 +234,19 @@ def restore_rotations(model: nn.Module, state: dict[str, torch.Tensor]) -> list[
         want = QuantLinear if slot == "input_rotation" else QuantMatMul
         if not isinstance(layer, want):
             raise VitqError(f"the saved model rotates {name!r}, a {type(layer).__name__} here, not a {want.__name__}")
-        setattr(layer, slot, InputRotation(torch.zeros_like(value, dtype=torch.float32)))
+        empty = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in tensors.items()}
+        if set(empty) == {"matrix"}:
+            rotation = InputRotation(matrix=empty["matrix"])
+        elif set(empty) == {"signs", "left", "right"}:
+            rotation = InputRotation(factors=(empty["signs"], empty["left"], empty["right"]))
+        else:
+            raise VitqError(f"the saved rotation of {name!r} has tensors {sorted(empty)}: it is damaged")
+        setattr(layer, slot, rotation)
         if slot == "operand_rotation":
             layer.rotates = "contracted" if layer_role(name) == "matmul1" else "b_and_output"
         done.append(name)
     return done
 
 
-__all__ = ["ROTATIONS", "InputRotation", "hadamard_matrix", "hadamard_order_supported", "random_orthogonal",
+__all__ = ["ROTATIONS", "InputRotation", "hadamard_factors", "hadamard_matrix", "make_rotation", "hadamard_order_supported", "random_orthogonal",
            "restore_rotations", "rotate_attention_operands", "rotate_linear_inputs"]
