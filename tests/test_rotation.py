@@ -159,6 +159,13 @@ def test_rotated_model_saves_packs_and_exports(images, tmp_path):
     assert np.median(np.abs(got - want).max(axis=1)) <= 1e-4
 
 
+def test_rotation_presets_rotate():
+    assert vitq.get_recipe("mse+rot").rotation == "hadamard"
+    fimaq = vitq.get_recipe("fimaq-diag+rot")
+    assert fimaq.rotation == "hadamard" and fimaq.reconstruction.loss == vitq.get_recipe("fimaq-diag").reconstruction.loss
+    assert vitq.get_recipe("mse").rotation == "none"
+
+
 def test_bad_rotation_is_one_line(tiny_vit_dir, colour_tree, tmp_path, capsys):
     with pytest.raises(VitqError, match="unknown rotation 'householder'"):
         vitq.get_recipe("mse", rotation="householder")

@@ -22,6 +22,10 @@ preset         what it is
                the network, matched at the penultimate feature (every 4th iteration)
 ``fimaq+refine``  FIMA-Q, then end-to-end refinement: all activation scales together on the KL to the
                float logits, the learned rounding kept (``refine.rounding="soft"`` learns it too)
+``mse+rot``    ``mse`` on rotated inputs: every quantized Linear's input and weight rotated by a
+               randomised Hadamard matrix first (vitq.rotation), outlier channels spread out
+``fimaq-diag+rot``  FIMA-Q's diagonal loss on rotated inputs (the same rotation, then the blocks);
+               the rotated recipe chosen on held-out images (benchmarks/beyond.md)
 ``fimaq+dfq``  FIMA-Q with AIQViT's dynamic focusing quantizer (learned [b1, b2]) on post-softmax attention
 ``aiqvit``     AIQViT on its own base: RepQ-ViT calibration, MSE reconstruction without AdaRound,
                DFQ, low-rank compensation with searched ranks, curriculum (aiqvit.md §1.2)
@@ -165,6 +169,10 @@ PRESETS: dict[str, Recipe] = {
     "fimaq-lowrank": Recipe(name="fimaq-lowrank", reconstruction=ReconConfig(loss="fimaq_lowrank")),
     "fimaq-dplr-lowrank": Recipe(name="fimaq-dplr-lowrank", reconstruction=ReconConfig(loss="fimaq_dplr_lowrank")),
     "fimaq": Recipe(name="fimaq", reconstruction=ReconConfig(loss="fimaq_dplr")),
+    # rotated linear inputs (vitq.rotation, benchmarks/beyond.md's rotation group)
+    "mse+rot": Recipe(name="mse+rot", rotation="hadamard"),
+    "fimaq-diag+rot": Recipe(name="fimaq-diag+rot", rotation="hadamard",
+                             reconstruction=ReconConfig(loss="fimaq_diag")),
     "fimaq+dfq": Recipe(name="fimaq+dfq", softmax_quantizer="dfq", reconstruction=ReconConfig(loss="fimaq_dplr")),
     # beyond FIMA-Q (issue 15, benchmarks/beyond.md): a GLF-Q-style global term in every block's
     # loss; an end-to-end refinement stage after the blocks
