@@ -88,6 +88,12 @@ def setting_key(size: int, rotation: str) -> str:
     return str(size) if rotation == "none" else f"{size}+{rotation}"
 
 
+def setting_label(key: str) -> str:
+    """'512' -> '512 images'; '128+hadamard' -> '128 images, rotated (hadamard)'."""
+    size, _, rotation = key.partition("+")
+    return f"{size} images" + (f", rotated ({rotation})" if rotation else "")
+
+
 def run_cell(fp: torch.nn.Module, loads: dict, bits: int, seed: int, work: Path, size: int = CALIB,
              rotation: str = "none") -> None:
     """Calibrate `mse` at W{bits}A{bits} on seed's subset of ``size`` images and cache the predictions.
@@ -202,7 +208,7 @@ def summarise(work: Path, out: Path) -> None:
     for size, per_bits in results["sizes"].items():
         for key, r in per_bits.items():
             a, t = r["all"], r["test"]
-            lines.append(f"- {size} images, {key.upper()}: on all {n_all:,} images the {r['seeds']} calibrations span "
+            lines.append(f"- {setting_label(size)}, {key.upper()}: on all {n_all:,} images the {r['seeds']} calibrations span "
                          f"{a['spread']:.2f} points where evaluation noise alone gives "
                          f"{a['expected_noise_spread_of_5']:.2f} (and gives {a['spread']:.2f} or more in "
                          f"{100 * a['p_noise_alone']:.1f}% of draws); the estimated spread of their expected top-1 is "
@@ -233,7 +239,7 @@ def summarise(work: Path, out: Path) -> None:
                           f"{k.upper()} {both[plain][k]['all']['mean']:.2f} -> {both[key][k]['all']['mean']:.2f}"
                           for k in both[key] if k in both[plain]) + "."]
     lines += ["", "Mean calibration seconds (one thread): " + "; ".join(
-        f"{size} images " + ", ".join(f"{k.upper()} {r['calib_seconds']:.0f}" for k, r in per_bits.items())
+        f"{setting_label(size)} " + ", ".join(f"{k.upper()} {r['calib_seconds']:.0f}" for k, r in per_bits.items())
         for size, per_bits in results["sizes"].items()), "", f"Versions: {results['versions']}", ""]
     atomic_write_bytes(out / "calib_heldout.md", lambda fh: fh.write("\n".join(lines).encode()))
 
