@@ -103,8 +103,6 @@ class QuantMatMul(QuantModule):
     "contracted"`` (q @ kᵀ) ``(a R)(Rᵀ b)``, with ``"b_and_output"`` (attn @ v) ``(a (b R)) Rᵀ``.
     """
 
-    ROTATION_KINDS = ("contracted", "b_and_output")
-
     def __init__(self, a_quantizer: Quantizer | None = None, b_quantizer: Quantizer | None = None) -> None:
         super().__init__()
         self.a_quantizer = a_quantizer

@@ -65,7 +65,7 @@ from .methods.aiqvit import AIQConfig
 from .quantizers import validate_bits
 from .reconstruction import ReconConfig
 from .reconstruction.refine import RefineConfig
-from .rotation import ROTATIONS
+from .rotation import check_rotation
 
 # nested configs: the Recipe field and its dataclass
 _NESTED = {"calibration": CalibConfig, "reconstruction": ReconConfig, "aiq": AIQConfig, "refine": RefineConfig}
@@ -137,8 +137,7 @@ class Recipe:
             raise VitqError("AIQViT's low-rank compensation and curriculum need a reconstruction stage")
         if self.calib_size <= 0:
             raise VitqError(f"calib_size must be positive, got {self.calib_size}")
-        if self.rotation not in ROTATIONS:
-            raise VitqError(f"unknown rotation {self.rotation!r}: choose one of {', '.join(ROTATIONS)}")
+        check_rotation(self.rotation)
         if self.rotate_attention and self.rotation == "none":
             raise VitqError("rotate_attention needs a rotation: set rotation='hadamard' (--rotation hadamard)")
         self.quant_spec()  # validates the remaining choices

@@ -9,8 +9,9 @@ outliers the same way.
 
 The rotation lives in the layer (:class:`InputRotation` in ``QuantLinear.input_rotation``, applied
 before the activation quantizer in every mode), so it needs no knowledge of the model around the
-layer and works for every adapter. It costs one ``(in, in)`` matmul per layer at run time; the
-exported ONNX graph carries it as a float MatMul in front of the quantized one.
+layer and works for every adapter. At run time a Hadamard rotation costs (c + m) multiply-adds per
+input element (its Kronecker factors, :class:`InputRotation`), a random orthogonal one d; the
+exported ONNX graph carries it as float MatMuls in front of the quantized one.
 """
 
 from __future__ import annotations
@@ -156,9 +157,7 @@ def rotate_linear_inputs(model: nn.Module, kind: str, seed: int = 0) -> list[str
     The weights become ``W R`` in place (the float model's function is unchanged up to float
     rounding); run it after :func:`vitq.adapters.prepare` and before calibration.
     """
-    if kind not in ROTATIONS:
-        raise VitqError(f"unknown rotation {kind!r}: choose one of {', '.join(ROTATIONS)}")
-    if kind == "none":
+    if check_rotation(kind) == "none":
         return []
     gen = torch.Generator().manual_seed(seed)
     done = []
@@ -174,6 +173,18 @@ def rotate_linear_inputs(model: nn.Module, kind: str, seed: int = 0) -> list[str
         module.input_rotation = rotation
         done.append(name)
     return done
+
+
+def check_rotation(kind: str) -> str:
+    """``kind`` if it names a rotation, else a one-line VitqError."""
+    if kind not in ROTATIONS:
+        raise VitqError(f"unknown rotation {kind!r}: choose one of {', '.join(ROTATIONS)}")
+    return kind
+
+
+def _rotates(role: str) -> str:
+    """How a matmul of this role rotates (QuantMatMul.rotates): q @ kᵀ on the contracted dim, attn @ v on v."""
+    return "contracted" if role == "matmul1" else "b_and_output"
 
 
 def _head_dim(attention: nn.Module, name: str) -> int:
@@ -192,9 +203,7 @@ def rotate_attention_operands(model: nn.Module, kind: str, seed: int = 0) -> lis
     q @ kᵀ becomes ``(q R)(k R)ᵀ`` and attn @ v ``(attn (v R)) Rᵀ``: the same products, while the
     operand quantizers see q, k and v with their outlier channels spread. Returns the matmuls' names.
     """
-    if kind not in ROTATIONS:
-        raise VitqError(f"unknown rotation {kind!r}: choose one of {', '.join(ROTATIONS)}")
-    if kind == "none":
+    if check_rotation(kind) == "none":
         return []
     from .adapters import layer_role
 
@@ -210,7 +219,7 @@ def rotate_attention_operands(model: nn.Module, kind: str, seed: int = 0) -> lis
             raise VitqError(f"{name} is rotated already: rotate a freshly prepared model")
         d = _head_dim(model.get_submodule(name.rsplit(".", 1)[0]), name)
         module.operand_rotation = make_rotation(kind, d, gen)
-        module.rotates = "contracted" if role == "matmul1" else "b_and_output"
+        module.rotates = _rotates(role)
         done.append(name)
     return done
 
@@ -243,10 +252,10 @@ def restore_rotations(model: nn.Module, state: dict[str, torch.Tensor]) -> list[
             raise VitqError(f"the saved rotation of {name!r} has tensors {sorted(empty)}: it is damaged")
         setattr(layer, slot, rotation)
         if slot == "operand_rotation":
-            layer.rotates = "contracted" if layer_role(name) == "matmul1" else "b_and_output"
+            layer.rotates = _rotates(layer_role(name))
         done.append(name)
     return done
 
 
-__all__ = ["ROTATIONS", "InputRotation", "hadamard_factors", "hadamard_matrix", "make_rotation", "hadamard_order_supported", "random_orthogonal",
+__all__ = ["ROTATIONS", "InputRotation", "check_rotation", "hadamard_factors", "hadamard_matrix", "make_rotation", "hadamard_order_supported", "random_orthogonal",
            "restore_rotations", "rotate_attention_operands", "rotate_linear_inputs"]
