@@ -117,11 +117,13 @@ def cells(groups: list[str]) -> list[dict]:
                 cell("rotation", vit, recipe="mse", bits=4, seed=0, iters=0, rot="hadamard"),
                 cell("rotation", vit, recipe="mse", bits=4, seed=0, iters=0)]
     if "main" in groups:
+        # the chosen recipe's cells first (W4A4 before W3A3), so a sitting that ends early leaves the
+        # new recipe's seeds rather than half of each
         for model in MODELS:
-            for bits in (3, 4):
-                for seed in SEEDS:
-                    out.append(cell("main", model, bits=bits, seed=seed, **CHOSEN))
-                    out.append(cell("main", model, recipe="fimaq", bits=bits, seed=seed, iters=500))
+            for spec in (CHOSEN, dict(recipe="fimaq", iters=500)):
+                for bits in (4, 3):
+                    for seed in SEEDS:
+                        out.append(cell("main", model, bits=bits, seed=seed, **spec))
     if "compute" in groups:
         for model in MODELS:
             out.append(cell("compute", model, recipe="fimaq", bits=3, seed=0, iters=2000))

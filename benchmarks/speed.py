@@ -29,11 +29,13 @@ Writes ``speed.json`` and ``speed.md`` next to this script, after every measurem
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import sys
 import time
+from typing import Iterator
 from pathlib import Path
 
 import torch
@@ -45,7 +47,7 @@ from vitq.data import atomic_write_bytes, build_dataset, make_loader, resolve_da
 from vitq.evaluation import evaluate
 from vitq.models import eval_transform
 from vitq.qmodules import QuantMode, set_mode
-from vitq.quantizers.kernels import compiled_kernels, reference_kernels
+from vitq.quantizers.kernels import compiled_kernels, float_draws, reference_kernels
 from vitq.reconstruction import ReconConfig, capture_block_input, reconstruct_block
 from vitq.reconstruction.cost import estimate_reconstruction, iteration_floor, snapshot_floor
 from vitq.reconstruction.fisher import _take_snapshot
@@ -84,18 +86,22 @@ def block_setup(which: str) -> tuple:
     return model, name, x, torch.softmax(logits / 20, -1)
 
 
-# the kernel paths compared: the plain-autograd one before this benchmark, the fused autograd
-# functions run eagerly, and the same functions through torch.compile
-PATHS = ("reference", "fast", "compiled")
+# the kernel paths compared: the plain-autograd one before this benchmark (QDrop coins from float
+# draws), the fused autograd functions run eagerly, the same functions through torch.compile with
+# the float draws (the compiled path before 16-bit coins) and with 16-bit coins (today)
+PATHS = ("reference", "fast", "compiled_float_draws", "compiled")
 
 
-def kernel_path(path: str):
+@contextlib.contextmanager
+def kernel_path(path: str) -> Iterator[None]:
     """The context that selects ``path`` (the engine's own compile switch is set by ``recon_config``)."""
-    return reference_kernels() if path == "reference" else compiled_kernels(path == "compiled")
+    with reference_kernels(path == "reference"), compiled_kernels(path.startswith("compiled")), \
+            float_draws(path in ("reference", "compiled_float_draws")):
+        yield
 
 
 def recon_config(path: str, **kwargs) -> ReconConfig:
-    return ReconConfig(compile_kernels="on" if path == "compiled" else "off", **kwargs)
+    return ReconConfig(compile_kernels="on" if path.startswith("compiled") else "off", **kwargs)
 
 
 def engine_seconds(model, name, x, targets, iters: int, path: str) -> float:
@@ -145,7 +151,7 @@ def measure_block(which: str, short: int, long: int) -> dict:
     floors_a = (iteration_floor(model.get_submodule(name), x[:32]),
                 snapshot_floor(model, name, model.get_submodule(name)(x[:64]).detach(), len(x)))
     for label in PATHS:
-        if label == "compiled":  # the one-off compilation outside the timed runs
+        if label.startswith("compiled"):  # the one-off compilation (per graph) outside the timed runs
             engine_seconds(model, name, x, targets, 2, label)
             snapshot_seconds(model, name, x[:128], targets[:128], label)
         t_short = engine_seconds(model, name, x, targets, short, label)
@@ -167,7 +173,7 @@ def _reconstructed(model, name, x, targets, path: str, seed: int, iters: int) ->
     """A copy of ``model`` with block ``name`` reconstructed on kernel path ``path``, seeded as the engine seeds."""
     m = copy.deepcopy(model)
     torch.manual_seed(seed)  # QDrop's draws (the engine seeds them per block)
-    with kernel_path(path):
+    with kernel_path(path), float_draws():  # one random stream on every path: this compares the kernels
         reconstruct_block(m, name, m.get_submodule(name), x, x, targets, recon_config(path, loss="mse", iters=iters),
                           torch.device("cpu"), torch.Generator().manual_seed(seed), progress=False)
     return m
@@ -214,7 +220,7 @@ def e2e_setup(path: str) -> tuple:
     """(float model, recipe, image pool) of the e2e cell on kernel path ``path``."""
     fp = vitq.load_model("cifar10_vit")
     recipe = vitq.get_recipe("fimaq", w_bits=3, a_bits=3, seed=0, reconstruction={
-        "iters": 500, "compile_kernels": "on" if path == "compiled" else "off"})
+        "iters": 500, "compile_kernels": "on" if path.startswith("compiled") else "off"})
     return fp, recipe, vitq.calibration_images(fp, "cifar10", vitq.api.images_needed(recipe), seed=0)
 
 
@@ -234,7 +240,7 @@ def measure_e2e(path: str) -> dict:
         out.update(predict(fp, recipe, pool))
     model = copy.deepcopy(fp)
     t0 = time.perf_counter()
-    with reference_kernels(path == "reference"):
+    with kernel_path(path):
         result = vitq.quantize_with_summary(model, pool, recipe, device="cpu", progress=False)
     out["wall_s"] = time.perf_counter() - t0
     out["stages"] = {k: v["seconds"] for k, v in result.stages.items()}
@@ -277,21 +283,25 @@ def summarise(r: dict) -> str:
              "Floors: forward + backward of the float block at batch 32 (iteration) and forward from the "
              "block's output to the logits + backward to it over the optimisation images (snapshot), plain "
              "PyTorch (`vitq.reconstruction.cost`). Kernel paths: `reference` is the fake-quantization path "
-             "before this benchmark (`vitq.quantizers.kernels.reference_kernels()`), `fast` the fused autograd "
-             "functions run eagerly (`--compile off`), `compiled` the same functions through `torch.compile` "
-             "(`--compile on`; `auto`, the default, compiles from 200 iterations per block).", ""]
+             "before this benchmark (`vitq.quantizers.kernels.reference_kernels()`, QDrop's coins from float draws), "
+             "`fast` the fused autograd functions run eagerly (`--compile off`), `compiled` the same functions "
+             "through `torch.compile` (`--compile on`; `auto`, the default, compiles from 200 iterations per block); "
+             "QDrop's coins are 16-bit draws, four to a 64-bit random number, except on `reference` and "
+             "`compiled_float_draws` (the compiled path before 16-bit coins, `vitq.quantizers.kernels.float_draws()`).",
+             ""]
     if r.get("machine"):
         m = r["machine"]
         lines += [f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores, features {', '.join(m.get('features', []))}.", ""]
     blocks = r.get("blocks", {})
     if blocks:
-        head = " | ".join(f"{p} s (x floor)" for p in PATHS)
+        paths = [p for p in PATHS if all(f"iteration_s_{p}" in b for b in blocks.values())]
+        head = " | ".join(f"{p} s (x floor)" for p in paths)
         lines += ["## One block, batch 32", "",
                   f"| model | block | images | iteration floor s | {head} | snapshot floor s | {head} |",
-                  "|---|---|---|---|" + "---|" * len(PATHS) + "---|" + "---|" * len(PATHS)]
+                  "|---|---|---|---|" + "---|" * len(paths) + "---|" + "---|" * len(paths)]
         for which, b in blocks.items():
-            its = " | ".join(f"{b[f'iteration_s_{p}']:.4f} ({b[f'iteration_ratio_{p}']:.2f}x)" for p in PATHS)
-            snaps = " | ".join(f"{b[f'snapshot_s_{p}']:.2f} ({b[f'snapshot_ratio_{p}']:.2f}x)" for p in PATHS)
+            its = " | ".join(f"{b[f'iteration_s_{p}']:.4f} ({b[f'iteration_ratio_{p}']:.2f}x)" for p in paths)
+            snaps = " | ".join(f"{b[f'snapshot_s_{p}']:.2f} ({b[f'snapshot_ratio_{p}']:.2f}x)" for p in paths)
             lines.append(f"| {which} | {b['block']} | {b['images']} | {b['iteration_floor_s']:.4f} | {its} | "
                          f"{b['snapshot_floor_s']:.2f} | {snaps} |")
         for which, b in blocks.items():

@@ -217,6 +217,15 @@ def test_sharded_draws_equal_one_draw_of_the_whole_batch():
         torch.manual_seed(0)
         with distributed.sharded_draws(3, 6, 6):
             assert torch.equal(distributed.uniform_like(windows[12:]), whole[12:])
+        # QDrop's 16-bit coins follow the same rule
+        torch.manual_seed(0)
+        whole = distributed.random_int16_like(x)
+        torch.manual_seed(0)
+        with distributed.sharded_draws(4, 6, 6):
+            assert torch.equal(distributed.random_int16_like(x[4:]), whole[4:])
+        torch.manual_seed(1)
+        with distributed.sharded_draws(4, 6, 6):
+            assert not torch.equal(distributed.random_int16_like(x[4:]), whole[4:])
     finally:
         distributed._ACTIVE = saved
 

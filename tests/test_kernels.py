@@ -263,3 +263,53 @@ def test_the_run_summary_says_how_the_kernels_ran(monkeypatch):
             "optim_size": 16, "iters": 2, "compile_kernels": "on"}, **opts)
     assert all(b["kernels"].startswith("eager (torch.compile failed: InvalidCxxCompiler")
                for b in failed.reconstruction["blocks"])
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.25, 0.5, 0.9])
+def test_qdrop_coins_keep_the_asked_share(keep):
+    x = torch.empty(64, 65, 48)
+    torch.manual_seed(0)
+    m = kernels.keep_mask(x, keep)
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    # 199,680 coins: the binomial standard deviation of the share is at most 0.0012
+    assert abs(m.mean().item() - keep) < 0.005
+    torch.manual_seed(1)
+    assert keep == 0.0 or not torch.equal(m, kernels.keep_mask(x, keep))
+
+
+def test_qdrop_coins_use_every_bit_and_keep_everything_at_one():
+    torch.manual_seed(0)
+    draws = kernels.random_int16_like(torch.empty(4096, 64))
+    bits = torch.stack([(draws.to(torch.int32) >> b) & 1 for b in range(16)])
+    share = bits.float().mean(dim=(1, 2))
+    assert (share - 0.5).abs().max() < 0.01, share  # random_() alone leaves every fourth sign bit 0
+    assert kernels.qdrop_keep(torch.empty(3, 4), 1.0) is None
+    assert kernels.qdrop_keep(torch.empty(3, 4), 1.0 - 1e-6) is None  # rounds to 1 at 16 bits
+    torch.manual_seed(0)
+    keep = kernels.qdrop_keep(torch.empty(3, 4), 0.5)
+    torch.manual_seed(0)
+    assert keep.dtype == torch.uint8 and torch.equal(keep.bool(), kernels.random_int16_like(torch.empty(3, 4)) < 0)
+
+
+def test_float_draws_give_the_stream_of_older_runs():
+    x = torch.randn(8, 17, 24)
+    torch.manual_seed(5)
+    old = (torch.rand_like(x) < 0.5).to(x.dtype)
+    torch.manual_seed(5)
+    with kernels.float_draws():
+        assert torch.equal(kernels.keep_mask(x, 0.5), old)
+    torch.manual_seed(5)
+    assert not torch.equal(kernels.keep_mask(x, 0.5), old)
+
+
+def test_input_qdrop_mask_keeps_the_asked_share_from_its_generator():
+    shape = (32, 65, 48)
+    m = kernels.keep_where(shape, 0.5, torch.Generator().manual_seed(0))
+    assert m.dtype == torch.bool and m.shape == shape
+    assert abs(m.float().mean().item() - 0.5) < 0.005
+    assert torch.equal(m, kernels.keep_where(shape, 0.5, torch.Generator().manual_seed(0)))
+    assert kernels.keep_where(shape, 1.0, torch.Generator()).all()
+    assert not kernels.keep_where(shape, 0.0, torch.Generator()).any()
+    with kernels.float_draws():  # the older stream
+        old = kernels.keep_where(shape, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(old, torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.5)

@@ -375,14 +375,42 @@ def sharded_draws(start: int, stop: int, total: int) -> Iterator[None]:
 
 
 def uniform_like(x: torch.Tensor) -> torch.Tensor:
-    """``torch.rand_like(x)``, or this rank's slice of the global batch's draw inside :func:`sharded_draws`.
+    """``torch.rand_like(x)``, or this rank's slice of the global batch's draw inside :func:`sharded_draws`."""
+    if _DRAWS is None:
+        return torch.rand_like(x)
+    return _draw_like(x, lambda shape: torch.rand(shape, dtype=x.dtype, device=x.device))
+
+
+def random_int16_like(x: torch.Tensor) -> torch.Tensor:
+    """Uniform 16-bit integers (int16, every value equally likely) in ``x``'s shape and memory order,
+    or this rank's slice of the global batch's draw inside :func:`sharded_draws`.
+
+    Why: QDrop needs one coin per activation, and torch's CPU generator fills floats one 32-bit
+    draw each, serially; four 16-bit coins per 64-bit draw cost a quarter of that
+    (benchmarks/speed.md). 16 bits resolve a keep probability to 1/65,536.
+    """
+    return _draw_like(x, lambda shape: random_int16(shape, x.device))
+
+
+def random_int16(shape: list[int] | tuple[int, ...], device: torch.device | str | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform 16-bit integers (int16, every value equally likely), four to a 64-bit draw."""
+    n = 1
+    for size in shape:
+        n *= size
+    # random_(-2**63, None) fills all 64 bits (random_() leaves the sign bit 0)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None, generator=generator)
+    return words.view(torch.int16)[:n].view(shape)
+
+
+def _draw_like(x: torch.Tensor, fill: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+    """``fill``'s draw laid out like ``x`` (the memory order ``empty_like(x)`` has), for the global
+    batch and sliced to this rank's samples inside :func:`sharded_draws`.
 
     ``x``'s leading dimension holds this rank's samples, possibly times a per-sample factor (Swin's
-    windows); ``rand_like`` fills in the memory order of ``empty_like(x)``, so the global draw keeps it.
+    windows); filling in memory order keeps one process's stream whatever the layout.
     """
-    s = _DRAWS
-    if s is None:
-        return torch.rand_like(x)
+    s = _DRAWS if _DRAWS is not None else _Shard(0, x.shape[0], x.shape[0])
     local = s.stop - s.start
     rows = x.shape[0]
     if local == 0 or rows % local:
@@ -393,8 +421,8 @@ def uniform_like(x: torch.Tensor) -> torch.Tensor:
         layout = torch.empty_like(x)  # the strides rand_like fills (x's for dense x, else contiguous)
         if not layout.is_contiguous():
             order = sorted(order, key=lambda i: (-layout.stride(i), i))
-    if order[0] != 0:
+    if order[0] != 0 and _DRAWS is not None:
         raise VitqError("a QDrop input whose batch is not its outermost dimension cannot be sharded")
     shape = [s.total * per if i == 0 else x.shape[i] for i in order]
-    full = torch.rand(shape, dtype=x.dtype, device=x.device).permute([order.index(i) for i in range(x.dim())])
+    full = fill(shape).permute([order.index(i) for i in range(x.dim())])
     return full[s.start * per:s.stop * per]

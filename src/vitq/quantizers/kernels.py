@@ -12,6 +12,11 @@ two gradient factors in the forward pass, and QDrop selects with a 0/1 multiply.
   (``d x_hat / d s = (q - z) - [inside] * x / s``) instead of through autograd's chain, so they
   differ from the reference in the last bits only. QDrop draws the same random numbers.
 
+QDrop's coins are 16-bit random integers, four to one 64-bit draw of torch's generator: the
+float draws they replace (``rand < p``, one serial 32-bit draw per coin) were a fifth of a compiled
+iteration on a CPU (benchmarks/speed.md). Every kernel path draws the same coins; ``float_draws()``
+brings back the float stream of runs before, to reproduce their tables exactly.
+
 AdaRound's soft weight and its rounding regulariser are autograd functions of the same kind: one
 node each, gradients to ``alpha`` written directly.
 
@@ -34,10 +39,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..distributed import uniform_like
+from ..distributed import random_int16, random_int16_like, uniform_like
 
 _REFERENCE = False
 _COMPILE = False
+_FLOAT_DRAWS = False  # QDrop's coins from float draws (the stream before 16-bit draws)
 _COMPILE_FAILED: str | None = None  # why torch.compile is unavailable here, once it failed
 
 
@@ -102,15 +108,60 @@ class _Fused:
         return self.fn(*args)
 
 
+@contextlib.contextmanager
+def float_draws(active: bool = True) -> Iterator[None]:
+    """Inside, QDrop draws one float per coin (``rand < p``), the random stream of runs before the
+    16-bit draws: to reproduce an older table exactly, or to time the old draws."""
+    global _FLOAT_DRAWS
+    saved, _FLOAT_DRAWS = _FLOAT_DRAWS, bool(active)
+    try:
+        yield
+    finally:
+        _FLOAT_DRAWS = saved
+
+
+def _int16_threshold(keep_prob: float) -> int | None:
+    """The int16 bound below which a 16-bit coin keeps, or None where every coin keeps."""
+    threshold = round(keep_prob * 65536)
+    return None if threshold >= 65536 else max(threshold, 0) - 32768  # 65536 would overflow the comparison
+
+
+def qdrop_keep(x: torch.Tensor, keep_prob: float) -> torch.Tensor | None:
+    """QDrop's coins for ``x`` as a 0/1 uint8 mask (1: keep the quantized value), or None where every
+    value is kept (``keep_prob`` within 2^-17 of 1: nothing to draw).
+
+    Each coin is a 16-bit integer (:func:`~vitq.distributed.random_int16_like`) compared with
+    ``keep_prob`` rounded to a multiple of 1/65,536; under :func:`float_draws`, a float. uint8,
+    not bool: the compiled kernels vectorise a uint8 mask and not a bool one (4-9x on this CPU).
+    """
+    if _FLOAT_DRAWS:
+        return (uniform_like(x) < keep_prob).view(torch.uint8) if keep_prob < 1.0 else None
+    threshold = _int16_threshold(keep_prob)
+    return None if threshold is None else (random_int16_like(x) < threshold).view(torch.uint8)
+
+
+def keep_where(shape: torch.Size | tuple[int, ...], keep_prob: float, generator: torch.Generator) -> torch.Tensor:
+    """A bool mask of ``shape`` from ``generator``, True with probability ``keep_prob`` (QDrop on a
+    block's input): 16-bit coins as :func:`qdrop_keep`, floats under :func:`float_draws`."""
+    if _FLOAT_DRAWS:
+        return torch.rand(shape, generator=generator) < keep_prob
+    threshold = _int16_threshold(keep_prob)
+    if threshold is None:
+        return torch.ones(shape, dtype=torch.bool)
+    return random_int16(shape, generator=generator) < threshold
+
+
 def keep_mask(x: torch.Tensor, keep_prob: float) -> torch.Tensor:
-    """QDrop's mask as 0/1 floats: 1 where the quantized value is kept (same draws as ``rand < p``)."""
-    return uniform_like(x).lt_(keep_prob)
+    """QDrop's mask as 0/1 values in ``x``'s dtype: 1 where the quantized value is kept."""
+    keep = qdrop_keep(x, keep_prob)
+    return torch.ones_like(x) if keep is None else keep.to(x.dtype)
 
 
 def qdrop_select(x: torch.Tensor, x_hat: torch.Tensor, keep_prob: float) -> torch.Tensor:
-    """``where(rand < keep_prob, x_hat, x)`` by a 0/1 multiply (exact for finite values)."""
+    """``x_hat`` where QDrop keeps the quantized value, else ``x``, by a 0/1 multiply (exact for finite values)."""
     if _REFERENCE:
-        return torch.where(uniform_like(x) < keep_prob, x_hat, x)
+        keep = qdrop_keep(x, keep_prob)
+        return x_hat if keep is None else torch.where(keep.bool(), x_hat, x)
     m = keep_mask(x, keep_prob)
     return torch.addcmul(x * (1 - m), x_hat, m)
 
@@ -203,10 +254,11 @@ def sq_diff_sum(a: torch.Tensor, b: torch.Tensor, dims: list[int] | None = None)
         return e.sum().reshape(1) if dims is None else e.sum(dim=dims, keepdim=True)
 
 
-def _fake_quant_parts(x: torch.Tensor, rand: torch.Tensor | None, scale: torch.Tensor,
-                      zero_point: torch.Tensor | None, qmin: int, qmax: int, keep_prob: float, need_x: bool,
+def _fake_quant_parts(x: torch.Tensor, keep: torch.Tensor | None, scale: torch.Tensor,
+                      zero_point: torch.Tensor | None, qmin: int, qmax: int, need_x: bool,
                       need_scale: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(fake-quantized output, d out / d x, d out / d scale) elementwise; ``rand``: QDrop's draws or None.
+    """(fake-quantized output, d out / d x, d out / d scale) elementwise; ``keep``: QDrop's 0/1 uint8
+    mask (:func:`qdrop_keep`) or None.
 
     In-place ops on its own intermediates keep the eager run to few buffers; compiled, they fuse.
     """
@@ -222,9 +274,9 @@ def _fake_quant_parts(x: torch.Tensor, rand: torch.Tensor | None, scale: torch.T
         q.sub_(zero_point)
     x_hat = q * scale
     grad_scale = torch.addcmul(q, v, inside, value=-1.0) if need_scale else None  # (q - z) - [inside] * x / s
-    if rand is None:
+    if keep is None:
         return x_hat, inside if need_x else None, grad_scale
-    m = rand.lt_(keep_prob).to(x.dtype)
+    m = keep.to(x.dtype)
     if grad_scale is not None:
         grad_scale.mul_(m)
     dropped = 1 - m
@@ -247,9 +299,8 @@ class _FakeQuantSTE(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
                 keep_prob: float | None) -> torch.Tensor:
         need_x, need_scale = ctx.needs_input_grad[:2]  # only the factors a gradient will use
-        rand = None if keep_prob is None else uniform_like(x)  # eager: the same stream on every path
-        out, grad_x, grad_scale = _fake_quant_fused(x, rand, scale, zero_point, qmin, qmax,
-                                                    1.0 if keep_prob is None else keep_prob, need_x, need_scale)
+        keep = None if keep_prob is None else qdrop_keep(x, keep_prob)  # eager: one stream on every path
+        out, grad_x, grad_scale = _fake_quant_fused(x, keep, scale, zero_point, qmin, qmax, need_x, need_scale)
         ctx.save_for_backward(grad_x, grad_scale)
         ctx.scale_shape = scale.shape
         return out

@@ -8,6 +8,8 @@ from typing import Any, TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from ..quantizers.kernels import keep_where
+
 if TYPE_CHECKING:
     from .config import ReconConfig
 
@@ -34,7 +36,7 @@ class BlockContext:
         xb_q = self.x_q[idx].to(self.device)
         if self.cfg.input_mode == "qinp":
             return xb_q, yb
-        keep = torch.rand(xb_fp.shape, generator=self.gen).to(self.device) < self.cfg.drop_prob
+        keep = keep_where(xb_fp.shape, self.cfg.drop_prob, self.gen).to(self.device)
         return torch.where(keep, xb_q, xb_fp), yb
 
 

@@ -14,6 +14,7 @@ from .. import distributed
 from ..adapters import forward_after
 from ..losses import fisher_diag_loss, fisher_lowrank_loss, fisher_lr_loss, lowrank_metric, rms_normalised
 from .config import ReconConfig
+from ..quantizers.kernels import keep_where
 from .rounding import activation_quantizers
 
 
@@ -110,7 +111,7 @@ def refresh_snapshots(model: nn.Module, name: str, block: nn.Module, x_fp: torch
     elif cfg.snapshot_input == "quant":
         x_in = x_q
     else:
-        keep = torch.rand(x_fp.shape, generator=gen) < cfg.drop_prob
+        keep = keep_where(x_fp.shape, cfg.drop_prob, gen)
         x_in = torch.where(keep.to(x_fp.device), x_q, x_fp)
     count = cfg.rank if cfg.snapshot_schedule == "r" else 1
     for _ in range(count):
