@@ -259,6 +259,8 @@ def summarise(results: dict) -> str:
     missing = [cell_key(c) for c in cells(results["groups"]) if cell_key(c) not in rows]
     if missing:
         lines += ["", "## Not measured yet", "", "`" + "`, `".join(missing) + "`"]
+    if results.get("notes"):  # what the numbers mean, written after the run (kept in the JSON)
+        lines += ["", "## Reading the numbers", ""] + [f"- {n}" for n in results["notes"]]
     lines += ["", f"Versions: {results['versions']}", ""]
     return "\n".join(lines)
 
