@@ -13,7 +13,7 @@ two gradient factors in the forward pass, and QDrop selects with a 0/1 multiply.
   differ from the reference in the last bits only. QDrop draws the same random numbers.
 
 QDrop's coins are 16-bit random integers, four to one 64-bit draw of torch's generator: the
-float draws they replace (``rand < p``, one serial 32-bit draw per coin) were a fifth of a compiled
+float draws they replace (``rand < p``, one serial 32-bit draw per coin) were about a seventh of a compiled
 iteration on a CPU (benchmarks/speed.md). Every kernel path draws the same coins; ``float_draws()``
 brings back the float stream of runs before, to reproduce their tables exactly.
 
