@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -395,9 +396,7 @@ def random_int16_like(x: torch.Tensor) -> torch.Tensor:
 def random_int16(shape: list[int] | tuple[int, ...], device: torch.device | str | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform 16-bit integers (int16, every value equally likely), four to a 64-bit draw."""
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     # random_(-2**63, None) fills all 64 bits (random_() leaves the sign bit 0)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None, generator=generator)
     return words.view(torch.int16)[:n].view(shape)

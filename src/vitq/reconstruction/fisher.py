@@ -13,8 +13,8 @@ import torch.nn as nn
 from .. import distributed
 from ..adapters import forward_after
 from ..losses import fisher_diag_loss, fisher_lowrank_loss, fisher_lr_loss, lowrank_metric, rms_normalised
-from .config import ReconConfig
 from ..quantizers.kernels import keep_where
+from .config import ReconConfig
 from .rounding import activation_quantizers
 
 
