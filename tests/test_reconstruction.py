@@ -3,11 +3,14 @@
 (The losses themselves are checked against the official formulas in test_losses.py.)
 """
 
+import collections
 import copy
 import json
+import traceback
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitq
 import vitq.reconstruction.engine as engine
@@ -171,6 +174,39 @@ def test_reconstruction_leaves_the_global_rng_alone(data):
     torch.manual_seed(123)
     vitq.quantize(model, data, "qdrop", **QUICK)
     assert torch.equal(torch.rand(3), expected)
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts reads of a tensor's value into Python (``item``, ``bool``, ``float``: a host sync on a
+    GPU) and ops whose output size depends on values (``nonzero``: a sync too), except those of
+    ``torch.optim``, whose step counters live on the CPU by design."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero,
+                                   torch.ops.aten.masked_select):
+            stack = traceback.extract_stack()
+            if not any("torch/optim/" in f.filename for f in stack):
+                self.reads.append(next((f"{f.filename}:{f.lineno}" for f in reversed(stack) if "/vitq/" in f.filename),
+                                       "?"))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("recipe, stage", [("fimaq", "reconstruction"), ("fimaq+refine", "refine")])
+def test_no_host_sync_per_optimisation_iteration(recipe, stage, data):
+    """On a GPU every read of a device value into Python stalls the loop: an iteration reads none
+    (losses are read every log_every iterations), so 4 and 12 iterations read the same number."""
+    counts = []
+    for iters in (4, 12):
+        settings = quick(iters=4, log_every=1000)
+        settings[stage] = {**settings.get(stage, {}), "iters": iters, "log_every": 1000}
+        with ScalarReads() as mode:
+            vitq.quantize(tiny_model(), data, recipe, **settings)
+        counts.append(collections.Counter(mode.reads))
+    assert counts[0] == counts[1], f"reads per iteration at: {counts[1] - counts[0]}"
 
 
 def test_snapshot_gradient_equals_brute_force_gradient_through_the_whole_model(data):

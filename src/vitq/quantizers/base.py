@@ -102,6 +102,9 @@ class Quantizer(nn.Module):
         self.register_buffer("max_val", torch.empty(0))
         # Persisted so a loaded checkpoint knows it is calibrated.
         self.register_buffer("initialized", torch.tensor(False))
+        # Python mirror of a True ``initialized``: reading the buffer on a GPU is a host sync, and
+        # every forward checks it (reset by a state-dict load, the one way it can turn False again)
+        self._ready = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -127,7 +130,10 @@ class Quantizer(nn.Module):
     _NOT_READY_HINT = "run observe() then init_from_minmax(), or set_params(), before quantizing"
 
     def _check_ready(self) -> None:
-        if not bool(self.initialized):
+        if self._ready:
+            return
+        self._ready = bool(self.initialized)
+        if not self._ready:
             raise RuntimeError(f"{self.__class__.__name__}({self.extra_repr()}) is not calibrated: "
                                f"{self._NOT_READY_HINT}")
 
@@ -198,6 +204,7 @@ class Quantizer(nn.Module):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
+        self._ready = False  # the incoming ``initialized`` may be False
         # Shapes legitimately change after construction (first observation, token-wise
         # expansion, per-head bounds), so adopt the incoming ones instead of refusing them.
         for name in self._RESIZABLE:
