@@ -20,6 +20,9 @@ Group ``e2e``: ``vitq quantize``'s path (``quantize_with_summary``) for ``cifar1
 process, one thread: wall time per stage and top-1 on the 10k test images; and the cost model's
 prediction (``estimate_reconstruction``) against the measured reconstruction time.
 
+Group ``overhead``: the compiled iteration of the same blocks with QDrop, the learned activation
+scales or AdaRound switched off, one at a time, against the floor: what each costs.
+
 Group ``agreement``: whether the kernel paths learn the same block (parameters, learned rounding,
 block output after 300 steps), against the difference a change of seed makes.
 
@@ -169,6 +172,44 @@ def measure_block(which: str, short: int, long: int) -> dict:
     return out
 
 
+# what each part of the engine's step costs: the iteration with one feature off at a time (compiled path)
+OVERHEAD_SETTINGS = (
+    ("all on (the fimaq step)", {}),
+    ("QDrop off (quantized block input, no coins)", {"input_mode": "qinp"}),
+    ("activation scales frozen", {"learn_act_scales": False}),
+    ("AdaRound off (weights frozen: no weight-gradient matmuls)", {"adaround": False}),
+    ("all three off", {"input_mode": "qinp", "learn_act_scales": False, "adaround": False}),
+)
+
+
+def iteration_median(model, name, x, targets, iters: int, **settings) -> float:
+    """The median wall time of one compiled engine iteration (from the engine's per-step callback)."""
+    stamps: list[float] = []
+    m = copy.deepcopy(model)
+    with kernel_path("compiled"):
+        reconstruct_block(m, name, m.get_submodule(name), x, x, targets,
+                          recon_config("compiled", loss="mse", iters=iters, **settings), torch.device("cpu"),
+                          torch.Generator().manual_seed(0), progress=False,
+                          on_step=lambda it: stamps.append(time.perf_counter()))
+    gaps = sorted(b - a for a, b in zip(stamps[2:], stamps[3:]))  # the first steps may still compile
+    return gaps[len(gaps) // 2]
+
+
+def measure_overhead(which: str, iters: int) -> dict:
+    """The compiled iteration with QDrop, the learned activation scales or AdaRound off, against the floor."""
+    model, name, x, targets = block_setup(which)
+    floor_a = iteration_floor(model.get_submodule(name), x[:32])
+    out: dict = {"block": name, "iters": iters, "load_avg": os.getloadavg()[0], "settings": {}}
+    for label, settings in OVERHEAD_SETTINGS:
+        iteration_median(model, name, x, targets, 5, **settings)  # compile this setting's graphs first
+        out["settings"][label] = {"overrides": settings,
+                                  "iteration_s": iteration_median(model, name, x, targets, iters, **settings)}
+    out["iteration_floor_s"] = (floor_a + iteration_floor(model.get_submodule(name), x[:32])) / 2
+    for cell in out["settings"].values():
+        cell["ratio"] = cell["iteration_s"] / out["iteration_floor_s"]
+    return out
+
+
 def _reconstructed(model, name, x, targets, path: str, seed: int, iters: int) -> torch.nn.Module:
     """A copy of ``model`` with block ``name`` reconstructed on kernel path ``path``, seeded as the engine seeds."""
     m = copy.deepcopy(model)
@@ -307,6 +348,18 @@ def summarise(r: dict) -> str:
         for which, b in blocks.items():
             lines += ["", f"Top operators of 20 compiled iterations, {which} (self CPU share):", ""]
             lines += [f"- `{p['op']}` {100 * p['share']:.1f}% ({p['calls']} calls)" for p in b["profile_compiled"]]
+    if r.get("overhead"):
+        lines += ["", "## Where the rest of an iteration goes: one feature off at a time (compiled path)", "",
+                  "`python benchmarks/speed.py --groups overhead`: the median compiled iteration (mse loss, batch 32) "
+                  "with QDrop (its coins, the block input's mix and the kernels' select), the learned activation "
+                  "scales or AdaRound (the learned rounding, whose gradient needs the weight-gradient matmuls that "
+                  "the float floor also runs) switched off, against the iteration floor measured in the same run.", "",
+                  "| model | block | floor s | " + " | ".join(f"{k}" for k, _ in OVERHEAD_SETTINGS) + " |",
+                  "|---|---|---|" + "---|" * len(OVERHEAD_SETTINGS)]
+        for which, o in r["overhead"].items():
+            cells = " | ".join(f"{o['settings'][k]['iteration_s']:.4f} ({o['settings'][k]['ratio']:.2f}x)"
+                               for k, _ in OVERHEAD_SETTINGS if k in o["settings"])
+            lines.append(f"| {which} | {o['block']} | {o['iteration_floor_s']:.4f} | {cells} |")
     if r.get("e2e"):
         lines += _e2e_table(r["e2e"], "## cifar10_vit W3A3 fimaq, 500 iterations, seed 0 (`quantize_with_summary`, "
                             "the CLI's path)")
@@ -353,6 +406,11 @@ def main() -> None:
                 r["blocks"][which] = measure_block(which, short, long)
                 save()
                 print(which, {k: v for k, v in r["blocks"][which].items() if k != "profile_compiled"}, flush=True)
+    if "overhead" in args.groups:
+        for which, iters in (("cifar10_vit", 60), ("deit_small_patch16_224", 10)):
+            r.setdefault("overhead", {})[which] = measure_overhead(which, iters)
+            save()
+            print(which, r["overhead"][which], flush=True)
     if "estimate" in args.groups:  # the cost model again for the measured runs (after a change to it)
         for label, cell in r.get("e2e", {}).items():
             if label != "reference" and "predicted_iteration_ratio" not in cell:
