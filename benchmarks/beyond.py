@@ -11,6 +11,8 @@ Groups:
   refinement with hard or soft rounding, its QDrop and learning rate, the block budget under it);
 * ``rotation``: the same with rotated linear inputs (and attention operands), calibration alone and
   under the block stage;
+* ``budget``: ``fimaq-diag`` W3A3 seed 0 at 500 and 1,000 iterations per block with rotated inputs, and
+  at 500 without, scored on the held-out images like the tuning rows;
 * ``main``: the chosen recipe (``CHOSEN``) and ``fimaq`` on both models, W3A3 and W4A4, seeds 0-2;
 * ``compute``: ``fimaq`` at 2,000 iterations per block (seed 0, W3A3, both models), whose
   accuracy and wall time the chosen recipe is measured against in the same run.
@@ -21,7 +23,7 @@ Results go to ``beyond.json`` / ``beyond.md`` after every cell; a rerun skips fi
 
 Reproduce:
 
-    python benchmarks/beyond.py --groups tune rotation main compute
+    python benchmarks/beyond.py --groups tune rotation budget main compute
 """
 
 from __future__ import annotations
@@ -116,6 +118,13 @@ def cells(groups: list[str]) -> list[dict]:
                 cell("rotation", vit, recipe="mse", bits=3, seed=0, iters=0, rot="orthogonal"),
                 cell("rotation", vit, recipe="mse", bits=4, seed=0, iters=0, rot="hadamard"),
                 cell("rotation", vit, recipe="mse", bits=4, seed=0, iters=0)]
+    if "budget" in groups:
+        # does the rotated recipe keep gaining with the budget? (chosen at 250 iterations, where the
+        # unrotated 500-iteration cell without refinement had no held-out score to compare with)
+        base = dict(recipe="fimaq-diag", bits=3, seed=0)
+        out += [cell("budget", vit, **base, iters=500),
+                cell("budget", vit, **base, iters=500, rot="hadamard"),
+                cell("budget", vit, **base, iters=1000, rot="hadamard")]
     if "main" in groups:
         # the chosen recipe's cells first (W4A4 before W3A3), so a sitting that ends early leaves the
         # new recipe's seeds rather than half of each
@@ -231,7 +240,7 @@ def summarise(results: dict) -> str:
              "settings apart with less noise than top-1.", "",
              "| cell | held-out top-1 | held-out agree | held-out KL | test top-1 | test agree | test KL | seconds "
              "| refine s | flips |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for c in cells(["tune", "rotation"]):
+    for c in cells(["tune", "rotation", "budget"]):
         r = rows.get(cell_key(c))
         if r:
             lines.append(f"| {cell_key(c)} | {r['heldout']:.2f} | {r['heldout_agree']:.2f} | {r['heldout_kl']:.4f} | "
@@ -275,7 +284,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out_json = args.out / "beyond.json"
-    results, groups = open_results(out_json, ("tune", "rotation", "main", "compute"), args.groups)
+    results, groups = open_results(out_json, ("tune", "rotation", "budget", "main", "compute"), args.groups)
     results.update(versions=versions(), command="python benchmarks/beyond.py --groups " + " ".join(groups))
 
     def save() -> None:
