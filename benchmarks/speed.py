@@ -107,13 +107,15 @@ def recon_config(path: str, **kwargs) -> ReconConfig:
     return ReconConfig(compile_kernels="on" if path.startswith("compiled") else "off", **kwargs)
 
 
-def engine_seconds(model, name, x, targets, iters: int, path: str) -> float:
-    """Wall seconds of reconstruct_block (mse loss: no snapshot) on a copy of the model."""
+def engine_seconds(model, name, x, targets, iters: int, path: str, on_step=None, **settings) -> float:
+    """Wall seconds of reconstruct_block (mse loss: no snapshot) on a copy of the model; ``settings``
+    override the ReconConfig, ``on_step`` is the engine's per-step callback."""
     m = copy.deepcopy(model)
     with kernel_path(path):
         t0 = time.perf_counter()
-        reconstruct_block(m, name, m.get_submodule(name), x, x, targets, recon_config(path, loss="mse", iters=iters),
-                          torch.device("cpu"), torch.Generator().manual_seed(0), progress=False)
+        reconstruct_block(m, name, m.get_submodule(name), x, x, targets,
+                          recon_config(path, loss="mse", iters=iters, **settings), torch.device("cpu"),
+                          torch.Generator().manual_seed(0), progress=False, on_step=on_step)
     return time.perf_counter() - t0
 
 
@@ -185,12 +187,8 @@ OVERHEAD_SETTINGS = (
 def iteration_median(model, name, x, targets, iters: int, **settings) -> float:
     """The median wall time of one compiled engine iteration (from the engine's per-step callback)."""
     stamps: list[float] = []
-    m = copy.deepcopy(model)
-    with kernel_path("compiled"):
-        reconstruct_block(m, name, m.get_submodule(name), x, x, targets,
-                          recon_config("compiled", loss="mse", iters=iters, **settings), torch.device("cpu"),
-                          torch.Generator().manual_seed(0), progress=False,
-                          on_step=lambda it: stamps.append(time.perf_counter()))
+    engine_seconds(model, name, x, targets, iters, "compiled", lambda it: stamps.append(time.perf_counter()),
+                   **settings)
     gaps = sorted(b - a for a, b in zip(stamps[2:], stamps[3:]))  # the first steps may still compile
     return gaps[len(gaps) // 2]
 
