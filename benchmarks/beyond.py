@@ -278,6 +278,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--groups", nargs="*", default=["tune"])
     ap.add_argument("--models", nargs="*", default=list(MODELS), help="run only these models' cells")
+    ap.add_argument("--bits", nargs="*", type=int, default=[3, 4], help="run only these widths' cells")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     ap.add_argument("--work", type=Path, default=Path("runs/bench_beyond"))
     ap.add_argument("--threads", type=int, default=1)
@@ -290,7 +291,8 @@ def main() -> None:
     def save() -> None:
         save_results(out_json, results, args.out / "beyond.md", summarise)
 
-    todo = [c for c in cells(args.groups) if cell_key(c) not in results["cells"] and c["model"] in args.models]
+    todo = [c for c in cells(args.groups) if cell_key(c) not in results["cells"] and c["model"] in args.models
+            and c["bits"] in args.bits]
     current = None
     for i, c in enumerate(todo):
         if c["model"] != current:

@@ -94,6 +94,12 @@ def test_calibration_split_never_falls_back_to_eval_images(colour_tree):
         build_dataset(spec, "calib", None)
 
 
+def test_unknown_split_is_refused_not_read_as_calibration_images():
+    # 'test' once silently meant the CIFAR-10 training images (every split but 'eval' did)
+    with pytest.raises(ValueError, match="'eval' or 'calib'"):
+        build_dataset(resolve_data("cifar10"), "test", None)
+
+
 def test_unreadable_image_names_the_file(colour_tree):
     broken = colour_tree / "val" / "red" / "zzz_broken.png"
     broken.write_bytes(b"this is not a png")

@@ -240,6 +240,8 @@ def resolve_data(data: str | os.PathLike) -> DataSpec:
 
 def build_dataset(spec: DataSpec, split: str, transform: Callable | None) -> torch.utils.data.Dataset:
     """The ``split`` ('eval' or 'calib') of a resolved data spec with ``transform`` applied."""
+    if split not in ("eval", "calib"):  # 'test' / 'train' would otherwise read the calibration images
+        raise ValueError(f"split must be 'eval' or 'calib', got {split!r}")
     if spec.kind == "cifar10":
         images, labels = load_cifar10("test" if split == "eval" else "train")
         return ArrayImageDataset(images, labels, transform)
