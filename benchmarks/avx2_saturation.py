@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import vitq  # noqa: E402
 from vitq.data import atomic_write_bytes, build_dataset, resolve_data  # noqa: E402
-from vitq.export.onnx_graph import _weight_storage  # noqa: E402
+from vitq.export.onnx_plans import _weight_storage  # noqa: E402
 from vitq.models import eval_transform  # noqa: E402
 from vitq.qmodules import QuantLinear  # noqa: E402
 from vitq.report import machine, versions  # noqa: E402

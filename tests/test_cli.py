@@ -210,9 +210,9 @@ def test_kill_9_mid_block_then_the_same_command_resumes_to_the_uninterrupted_res
 
 def test_quantize_prints_and_records_a_cost_estimate_before_a_long_run(tiny_vit_dir, colour_tree, tmp_path,
                                                                         capsys, monkeypatch):
-    import vitq.cli
+    import vitq.cli.commands
 
-    monkeypatch.setattr(vitq.cli, "ESTIMATE_FROM_ITERS", 2)  # the tiny run counts as long
+    monkeypatch.setattr(vitq.cli.commands, "ESTIMATE_FROM_ITERS", 2)  # the tiny run counts as long
     out = tmp_path / "q"
     code, stdout, _ = _run(["quantize", "--model", str(tiny_vit_dir), "--data", str(colour_tree), "--recipe",
                             "qdrop", "--iters", "2", "--out", str(out), "--quiet", "--device", "cpu",

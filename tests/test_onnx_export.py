@@ -18,7 +18,8 @@ from vitq.cli import main
 from vitq.errors import VitqError
 from vitq.export import folder as folder_module
 from vitq.export import onnx_file
-from vitq.export.onnx_graph import activation_storage, require_onnx
+from vitq.export.onnx_graph import require_onnx
+from vitq.export.onnx_plans import activation_storage
 from vitq.quantizers import IntegerView
 from vitq.report import cpu_features
 
