@@ -207,10 +207,15 @@ def summarise(results: dict) -> str:
         for r in CALIB_ONLY + RECON:
             c4, c3 = (rows.get(cell_key(dict(model="cifar10_swin", recipe=r, bits=b, seed=0, iters=results["iters"])))
                       for b in (4, 3))
-            f = lambda c, k, fmt: fmt.format(c[k]) if c else "-"  # noqa: E731
+            f = lambda c, k, fmt: fmt.format(c[k]) if c and c.get(k) is not None else "-"  # noqa: E731
             lines.append(f"| {r} | {f(c4, 'top1', '{:.2f}')} | {f(c3, 'top1', '{:.2f}')} | "
                          f"{f(c4, 'seconds', '{:.0f}')} | {f(c3, 'seconds', '{:.0f}')} | "
                          f"{f(c3 or c4, 'peak_mem_mb', '{:.0f}')} |")
+        # a cell whose process was paused mid-run keeps its top-1; its seconds are struck, with why
+        notes = [k for k, c in rows.items() if c.get("model") == "cifar10_swin" and c.get("seconds_note")]
+        lines += [""] if notes else []
+        lines += [f"- `{k}`: seconds not shown: {c['seconds_note']}" for k, c in rows.items()
+                  if c.get("model") == "cifar10_swin" and c.get("seconds_note")]
     lines += ["", "## W3A3 over seeds 0, 1, 2", "", "| recipe | mean | std | runs |", "|---|---|---|---|"]
     for r in ("mse",) + RECON:
         accs = [c["top1"] for c in (cell(recipe=r, bits=3, seed=s, iters=results["iters"]) for s in (0, 1, 2)) if c]
