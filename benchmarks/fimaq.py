@@ -214,8 +214,7 @@ def summarise(results: dict) -> str:
         # a cell whose process was paused mid-run keeps its top-1; its seconds are struck, with why
         notes = [k for k, c in rows.items() if c.get("model") == "cifar10_swin" and c.get("seconds_note")]
         lines += [""] if notes else []
-        lines += [f"- `{k}`: seconds not shown: {c['seconds_note']}" for k, c in rows.items()
-                  if c.get("model") == "cifar10_swin" and c.get("seconds_note")]
+        lines += [f"- `{k}`: seconds not shown: {rows[k]['seconds_note']}" for k in notes]
     lines += ["", "## W3A3 over seeds 0, 1, 2", "", "| recipe | mean | std | runs |", "|---|---|---|---|"]
     for r in ("mse",) + RECON:
         accs = [c["top1"] for c in (cell(recipe=r, bits=3, seed=s, iters=results["iters"]) for s in (0, 1, 2)) if c]

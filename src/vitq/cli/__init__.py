@@ -31,7 +31,6 @@ DISTRIBUTED_COMMANDS = ("eval", "quantize", "demo")
 def _run_distributed(args: argparse.Namespace) -> int:
     """One rank of ``torchrun --nproc-per-node N -m vitq COMMAND``: rank 0 prints and writes, the others compute."""
     import contextlib
-    import os
 
     from .. import distributed
     from ..runtime import resolve_device
