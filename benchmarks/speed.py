@@ -36,6 +36,7 @@ import contextlib
 import copy
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Iterator
@@ -171,6 +172,117 @@ def measure_block(which: str, short: int, long: int) -> dict:
         out[f"iteration_ratio_{label}"] = out[f"iteration_s_{label}"] / out["iteration_floor_s"]
         out[f"snapshot_ratio_{label}"] = out[f"snapshot_s_{label}"] / out["snapshot_floor_s"]
     out["profile_compiled"] = profile_top(model, name, x, targets)
+    return out
+
+
+class NativeFakeQuant(torch.nn.Module):
+    """One calibrated quantizer as PyTorch's own fake-quantization op (the QAT building block).
+
+    Weights: ``torch.fake_quantize_per_channel_affine`` (straight-through gradient to the weight,
+    which is trainable: the plain counterpart of learned rounding). Activations and attention
+    operands: ``torch._fake_quantize_learnable_per_{tensor,channel}_affine`` with the scale trainable
+    (the plain counterpart of vitq's learned activation scales). No QDrop, no rounding variables.
+    """
+
+    def __init__(self, view, weight: bool) -> None:
+        super().__init__()
+        self.weight, self.axis, self.qmin, self.qmax = weight, view.axis, view.qmin, view.qmax
+        scale, zp = torch.broadcast_tensors(view.scale.float(), view.zero_point.float())
+        if weight:  # per output channel
+            self.register_buffer("scale", scale.reshape(-1))
+            self.register_buffer("zero_point", zp.reshape(-1).to(torch.int32))
+        elif view.axis is None:
+            self.scale = torch.nn.Parameter(scale.reshape(-1))
+            self.register_buffer("zero_point", zp.reshape(-1))
+        else:
+            # per token and/or head: PyTorch's op keeps one axis, so the kept axes are merged into one
+            # when they are adjacent (per token: axis 1 as it is; per head and token of q: one view),
+            # else every element of a sample gets its own (scale, zero point) on the flattened sample
+            kept = [d for d in range(1, scale.dim()) if scale.shape[d] > 1]
+            first, last = (kept[0], kept[-1]) if kept else (1, 1)
+            self.span = (first, last) if last - first + 1 == len(kept) else None
+            self.scale_full, self.zp_full = scale, zp
+            self.scale = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight:
+            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, 0, self.qmin, self.qmax)
+        if self.axis is None:
+            return torch._fake_quantize_learnable_per_tensor_affine(x, self.scale, self.zero_point, self.qmin,
+                                                                    self.qmax, 1.0)
+        if self.span is not None:
+            a, b = self.span
+            shape = (*x.shape[:a], -1, *x.shape[b + 1:])
+        else:
+            a, shape = 1, (len(x), -1)
+        if self.scale is None:  # built at the first call, when the sample's shape is known
+            full = (1, *x.shape[1:])
+            s, z = self.scale_full.expand(full), self.zp_full.expand(full)
+            if self.span is not None:  # one value per position of the merged axis
+                index = tuple(slice(None) if a <= d <= b else 0 for d in range(len(full)))
+                s, z = s[index], z[index]
+            self.scale = torch.nn.Parameter(s.reshape(-1).clone())
+            self.register_buffer("zero_point", z.reshape(-1).clone())
+        y = torch._fake_quantize_learnable_per_channel_affine(x.reshape(shape), self.scale, self.zero_point,
+                                                              a, self.qmin, self.qmax, 1.0)
+        return y.reshape(x.shape)
+
+
+def native_fake_quant_floor(block: torch.nn.Module, x: torch.Tensor, repeats: int = 5) -> tuple[float, list[str]]:
+    """Seconds of forward + backward of ``block`` fake-quantized with PyTorch's own ops, weights and
+    activation scales trainable (the issue's 'same fake-quantized block' floor, a QAT step), and
+    the quantizer layouts it used."""
+    twin = copy.deepcopy(block)
+    layouts = []
+    for mod in block_quant_modules(twin):
+        for slot in ("w_quantizer", "a_quantizer", "b_quantizer"):
+            q = getattr(mod, slot, None)
+            if q is None or not q.enabled:
+                continue
+            view = q.integer_view()
+            assert view.kind == "uniform", view.kind  # fimaq's spec: uniform quantizers only
+            setattr(mod, slot, NativeFakeQuant(view, weight=slot == "w_quantizer"))
+            layouts.append(f"{slot}:{'tensor' if view.axis is None else 'axis' + str(view.axis)}")
+        mod.mode = QuantMode.QUANT
+    for p in twin.parameters():
+        p.requires_grad_(True)
+
+    def step() -> None:
+        twin.zero_grad(set_to_none=True)
+        twin(x).pow(2).mean().backward()
+
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return min(times), sorted(set(layouts))
+
+
+def measure_qat_floor(which: str, iters: int) -> dict:
+    """The compiled engine iteration against both floors, measured back to back in one run."""
+    model, name, x, targets = block_setup(which)
+    block = model.get_submodule(name)
+    iteration_median(model, name, x, targets, 5)  # compile the engine's graphs first
+    snapshot_seconds(model, name, x[:128], targets[:128], "compiled")  # and the snapshot's
+    float_a, (native_a, layouts) = iteration_floor(block, x[:32]), native_fake_quant_floor(block, x[:32])
+    engine = iteration_median(model, name, x, targets, iters)
+    float_b, (native_b, _) = iteration_floor(block, x[:32]), native_fake_quant_floor(block, x[:32])
+    out = {"block": name, "iters": iters, "load_avg": os.getloadavg()[0], "engine_iteration_s": engine,
+           "float_floor_s": (float_a + float_b) / 2, "native_fake_quant_floor_s": (native_a + native_b) / 2,
+           "native_layouts": layouts}
+    out["ratio_float"] = engine / out["float_floor_s"]
+    out["ratio_native_fake_quant"] = engine / out["native_fake_quant_floor_s"]
+    # the snapshot pass against its floor, alternating, the median of three each: one pass is one
+    # ~10 s measurement on this shared CPU, and single pairs moved by 0.2x from run to run
+    y = block(x[:64]).detach()
+    snaps, floors = [], []
+    for _ in range(3):
+        floors.append(snapshot_floor(model, name, y, len(x), repeats=1))
+        snaps.append(snapshot_seconds(model, name, x, targets, "compiled"))
+    out.update(snapshot_s=snaps, snapshot_floor_s=floors,
+               snapshot_ratio=statistics.median(snaps) / statistics.median(floors))
     return out
 
 
@@ -358,6 +470,26 @@ def summarise(r: dict) -> str:
             cells = " | ".join(f"{o['settings'][k]['iteration_s']:.4f} ({o['settings'][k]['ratio']:.2f}x)"
                                for k, _ in OVERHEAD_SETTINGS if k in o["settings"])
             lines.append(f"| {which} | {o['block']} | {o['iteration_floor_s']:.4f} | {cells} |")
+    if r.get("qat_floor"):
+        lines += ["", "## The issue's floor: the same fake-quantized block in plain PyTorch", "",
+                  "`python benchmarks/speed.py --groups qat_floor`: the median compiled engine iteration (mse loss, "
+                  "batch 32, QDrop, learned rounding and activation scales) against two floors measured before and "
+                  "after it in the same run: the float block (the floor of the tables above) and the same block "
+                  "fake-quantized with PyTorch's own ops, a QAT step (`NativeFakeQuant`: "
+                  "`torch.fake_quantize_per_channel_affine` on the weights, which are trainable, and "
+                  "`torch._fake_quantize_learnable_per_{tensor,channel}_affine` on every activation and attention "
+                  "operand with its scales trainable; the same scales and zero points as the calibrated block, whose "
+                  "output it reproduces exactly). It has no QDrop and no rounding variables.", "",
+                  "| model | block | engine s | float floor s | engine / float floor | fake-quant floor s | "
+                  "engine / fake-quant floor | snapshot s (median of 3) | snapshot floor s | snapshot / floor | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for which, o in r["qat_floor"].items():
+            lines.append(f"| {which} | {o['block']} | {o['engine_iteration_s']:.4f} | {o['float_floor_s']:.4f} | "
+                         f"{o['ratio_float']:.2f}x | {o['native_fake_quant_floor_s']:.4f} | "
+                         f"{o['ratio_native_fake_quant']:.2f}x | " + (
+                             f"{statistics.median(o['snapshot_s']):.2f} | {statistics.median(o['snapshot_floor_s']):.2f}"
+                             f" | {o['snapshot_ratio']:.2f}x" if "snapshot_s" in o else "- | - | -") +
+                         f" | {o['load_avg']:.1f} |")
     if r.get("e2e"):
         lines += _e2e_table(r["e2e"], "## cifar10_vit W3A3 fimaq, 500 iterations, seed 0 (`quantize_with_summary`, "
                             "the CLI's path)")
@@ -409,6 +541,13 @@ def main() -> None:
             r.setdefault("overhead", {})[which] = measure_overhead(which, iters)
             save()
             print(which, r["overhead"][which], flush=True)
+    if "qat_floor" in args.groups:
+        for which, iters in (("cifar10_vit", 60), ("deit_small_patch16_224", 10)):
+            if "snapshot_s" in r.setdefault("qat_floor", {}).get(which, {}):
+                continue  # measured by this version of the group (the run resumes per model)
+            r["qat_floor"][which] = measure_qat_floor(which, iters)
+            save()
+            print(which, r["qat_floor"][which], flush=True)
     if "estimate" in args.groups:  # the cost model again for the measured runs (after a change to it)
         for label, cell in r.get("e2e", {}).items():
             if label != "reference" and "predicted_iteration_ratio" not in cell:
