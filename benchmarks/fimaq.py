@@ -215,6 +215,10 @@ def summarise(results: dict) -> str:
         notes = [k for k, c in rows.items() if c.get("model") == "cifar10_swin" and c.get("seconds_note")]
         lines += [""] if notes else []
         lines += [f"- `{k}`: seconds not shown: {rows[k]['seconds_note']}" for k in notes]
+        lines += ["", "Peak MB above 2,000 here (qdrop, brecq) is not those recipes' need: in fresh processes the "
+                  "`mse` calibration stage that every row starts with peaked at 1.23-1.43 GB in five probes "
+                  "(2026-12-04) and at 2.6 and 4.2 GB in two; the stage's resident high-water mark is "
+                  "intermittently inflated, cause not found. fimaq's 1.5 GB is the typical value."]
     lines += ["", "## W3A3 over seeds 0, 1, 2", "", "| recipe | mean | std | runs |", "|---|---|---|---|"]
     for r in ("mse",) + RECON:
         accs = [c["top1"] for c in (cell(recipe=r, bits=3, seed=s, iters=results["iters"]) for s in (0, 1, 2)) if c]
