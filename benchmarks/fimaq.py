@@ -211,14 +211,12 @@ def summarise(results: dict) -> str:
             lines.append(f"| {r} | {f(c4, 'top1', '{:.2f}')} | {f(c3, 'top1', '{:.2f}')} | "
                          f"{f(c4, 'seconds', '{:.0f}')} | {f(c3, 'seconds', '{:.0f}')} | "
                          f"{f(c3 or c4, 'peak_mem_mb', '{:.0f}')} |")
-        # a cell whose process was paused mid-run keeps its top-1; its seconds are struck, with why
-        notes = [k for k, c in rows.items() if c.get("model") == "cifar10_swin" and c.get("seconds_note")]
+        # a cell whose process was paused mid-run keeps its top-1; its seconds are struck, with why;
+        # a cell whose peak memory is not its need says why beside it
+        notes = [(k, what, c[f"{field}_note"]) for k, c in rows.items() if c.get("model") == "cifar10_swin"
+                 for field, what in (("seconds", "seconds not shown"), ("peak", "peak MB")) if c.get(f"{field}_note")]
         lines += [""] if notes else []
-        lines += [f"- `{k}`: seconds not shown: {rows[k]['seconds_note']}" for k in notes]
-        lines += ["", "Peak MB above 2,000 here (qdrop, brecq) is not those recipes' need: in fresh processes the "
-                  "`mse` calibration stage that every row starts with peaked at 1.23-1.43 GB in five probes "
-                  "(2026-12-04) and at 2.6 and 4.2 GB in two; the stage's resident high-water mark is "
-                  "intermittently inflated, cause not found. fimaq's 1.5 GB is the typical value."]
+        lines += [f"- `{k}`: {what}: {note}" for k, what, note in notes]
     lines += ["", "## W3A3 over seeds 0, 1, 2", "", "| recipe | mean | std | runs |", "|---|---|---|---|"]
     for r in ("mse",) + RECON:
         accs = [c["top1"] for c in (cell(recipe=r, bits=3, seed=s, iters=results["iters"]) for s in (0, 1, 2)) if c]
