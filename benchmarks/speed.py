@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 import vitq
-from vitq.adapters import prepare
+from vitq.adapters import forward_after, prepare
 from vitq.calibration import CalibConfig, calibrate
 from vitq.data import atomic_write_bytes, build_dataset, make_loader, resolve_data
 from vitq.evaluation import evaluate
@@ -228,10 +228,9 @@ class NativeFakeQuant(torch.nn.Module):
         return y.reshape(x.shape)
 
 
-def native_fake_quant_floor(block: torch.nn.Module, x: torch.Tensor, repeats: int = 5) -> tuple[float, list[str]]:
-    """Seconds of forward + backward of ``block`` fake-quantized with PyTorch's own ops, weights and
-    activation scales trainable (the issue's 'same fake-quantized block' floor, a QAT step), and
-    the quantizer layouts it used."""
+def native_twin(block: torch.nn.Module) -> tuple[torch.nn.Module, list[str]]:
+    """A copy of the calibrated ``block`` with every quantizer replaced by :class:`NativeFakeQuant`
+    (PyTorch's own fake-quantization ops, same scales and zero points), and the layouts it used."""
     twin = copy.deepcopy(block)
     layouts = []
     for mod in block_quant_modules(twin):
@@ -244,6 +243,14 @@ def native_fake_quant_floor(block: torch.nn.Module, x: torch.Tensor, repeats: in
             setattr(mod, slot, NativeFakeQuant(view, weight=slot == "w_quantizer"))
             layouts.append(f"{slot}:{'tensor' if view.axis is None else 'axis' + str(view.axis)}")
         mod.mode = QuantMode.QUANT
+    return twin, sorted(set(layouts))
+
+
+def native_fake_quant_floor(block: torch.nn.Module, x: torch.Tensor, repeats: int = 5) -> tuple[float, list[str]]:
+    """Seconds of forward + backward of ``block`` fake-quantized with PyTorch's own ops, weights and
+    activation scales trainable (the issue's 'same fake-quantized block' floor, a QAT step), and
+    the quantizer layouts it used."""
+    twin, layouts = native_twin(block)
     for p in twin.parameters():
         p.requires_grad_(True)
 
@@ -251,7 +258,45 @@ def native_fake_quant_floor(block: torch.nn.Module, x: torch.Tensor, repeats: in
         twin.zero_grad(set_to_none=True)
         twin(x).pow(2).mean().backward()
 
-    return _timed(step, repeats, x.device), sorted(set(layouts))
+    return _timed(step, repeats, x.device), layouts
+
+
+def native_snapshot_floor(model: torch.nn.Module, name: str, twin: torch.nn.Module, x: torch.Tensor,
+                          batch: int = 64) -> float:
+    """Seconds of the issue's snapshot floor read literally, 'the forward + backward of the model from
+    that block to the logits': the block's forward fake-quantized with PyTorch's ops (``twin``, no
+    gradient: a snapshot needs none inside the block), then the float rest of the model forward and
+    backward to the block's output, batch by batch over ``x`` as the engine's snapshot goes."""
+    set_mode(model, QuantMode.FLOAT)
+    t0 = time.perf_counter()
+    for i in range(0, len(x), batch):
+        with torch.no_grad():
+            out = twin(x[i:i + batch])
+        out.requires_grad_(True)
+        torch.autograd.grad(torch.log_softmax(forward_after(model, name, out), -1).sum(), out)
+    return time.perf_counter() - t0
+
+
+def measure_snapshot_floor(which: str, repeats: int = 3) -> dict:
+    """The engine's snapshot pass against both snapshot floors, alternating, the median of ``repeats``
+    each: the float rest of the model alone (the floor of the tables above) and the literal reading
+    that starts at the block, fake-quantized with PyTorch's ops as the iteration's issue floor is."""
+    model, name, x, targets = block_setup(which)
+    block = model.get_submodule(name)
+    twin, _ = native_twin(block)
+    snapshot_seconds(model, name, x[:128], targets[:128], "compiled")  # compile the snapshot's graphs
+    native_snapshot_floor(model, name, twin, x[:128])
+    y = block(x[:64]).detach()
+    snaps, rest, literal = [], [], []
+    for _ in range(repeats):
+        rest.append(snapshot_floor(model, name, y, len(x), repeats=1))
+        literal.append(native_snapshot_floor(model, name, twin, x))
+        snaps.append(snapshot_seconds(model, name, x, targets, "compiled"))
+    out = {"block": name, "images": len(x), "load_avg": os.getloadavg()[0], "machine": machine(),
+           "snapshot_s": snaps, "rest_floor_s": rest, "literal_floor_s": literal}
+    out["ratio_rest"] = statistics.median(snaps) / statistics.median(rest)
+    out["ratio_literal"] = statistics.median(snaps) / statistics.median(literal)
+    return out
 
 
 def measure_qat_floor(which: str, iters: int) -> dict:
@@ -484,6 +529,22 @@ def summarise(r: dict) -> str:
                          f"{o['ratio_native_fake_quant']:.2f}x | {statistics.median(o['snapshot_s']):.2f} | "
                          f"{statistics.median(o['snapshot_floor_s']):.2f} | {o['snapshot_ratio']:.2f}x | "
                          f"{o['load_avg']:.1f} |")
+    if r.get("snapshot_floor"):
+        lines += ["", "## The snapshot against the issue's floor read literally", "",
+                  "`python benchmarks/speed.py --groups snapshot_floor`: one Fisher snapshot pass of the engine "
+                  "(compiled kernels, QDrop on, over the block's images: cifar10_vit's 1024 optimisation images, DeiT-S's 125 ImageNet sample images) against two floors, alternating, "
+                  "the median of three each. **rest**: the float model from the block's output to the logits and "
+                  "back (the floor of the tables above, which leaves the block itself out). **literal**: 'the model "
+                  "from that block to the logits', the block included, fake-quantized with PyTorch's own ops as "
+                  "the iteration's issue floor is (`native_twin`, no gradient inside the block, which a snapshot "
+                  "does not need), then the same float rest.", "",
+                  "| model | block | images | machine | snapshot s | rest floor s | snapshot / rest | literal floor s | "
+                  "snapshot / literal | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for which, o in r["snapshot_floor"].items():
+            lines.append(f"| {which} | {o['block']} | {o['images']} | {o['machine']['cpu']} | {statistics.median(o['snapshot_s']):.2f} | "
+                         f"{statistics.median(o['rest_floor_s']):.2f} | {o['ratio_rest']:.2f}x | "
+                         f"{statistics.median(o['literal_floor_s']):.2f} | {o['ratio_literal']:.2f}x | "
+                         f"{o['load_avg']:.1f} |")
     if r.get("e2e"):
         lines += _e2e_table(r["e2e"], "## cifar10_vit W3A3 fimaq, 500 iterations, seed 0 (`quantize_with_summary`, "
                             "the CLI's path)")
@@ -518,7 +579,9 @@ def main() -> None:
     torch.set_num_threads(1)
     path = args.out / "speed.json"
     r = json.loads(path.read_text()) if path.is_file() else {}
-    r.update(command="python benchmarks/speed.py", versions=versions(), machine=machine())
+    # the machine of the groups measured first; a group measured later on another records its own
+    r.update(command="python benchmarks/speed.py", versions=versions())
+    r.setdefault("machine", machine())
 
     def save() -> None:
         atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
@@ -542,6 +605,13 @@ def main() -> None:
             r["qat_floor"][which] = measure_qat_floor(which, iters)
             save()
             print(which, r["qat_floor"][which], flush=True)
+    if "snapshot_floor" in args.groups:
+        for which in ("cifar10_vit", "deit_small_patch16_224"):
+            if which in r.setdefault("snapshot_floor", {}):
+                continue
+            r["snapshot_floor"][which] = measure_snapshot_floor(which)
+            save()
+            print(which, r["snapshot_floor"][which], flush=True)
     if "estimate" in args.groups:  # the cost model again for the measured runs (after a change to it)
         for label, cell in r.get("e2e", {}).items():
             if label != "reference" and "predicted_iteration_ratio" not in cell:
