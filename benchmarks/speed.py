@@ -53,6 +53,7 @@ from vitq.models import eval_transform
 from vitq.qmodules import QuantMode, set_mode
 from vitq.quantizers.kernels import compiled_kernels, float_draws, reference_kernels
 from vitq.reconstruction import ReconConfig, capture_block_input, reconstruct_block
+from vitq.reconstruction.config import compiles
 from vitq.reconstruction.cost import _timed, estimate_reconstruction, iteration_floor, snapshot_floor
 from vitq.reconstruction.fisher import _take_snapshot
 from vitq.reconstruction.rounding import activation_quantizers, block_quant_modules
@@ -297,6 +298,35 @@ def measure_snapshot_floor(which: str, repeats: int = 3) -> dict:
     out["ratio_rest"] = statistics.median(snaps) / statistics.median(rest)
     out["ratio_literal"] = statistics.median(snaps) / statistics.median(literal)
     return out
+
+
+def measure_estimate_block(which: str = "deit_small_patch16_224", iters: int = 40) -> dict:
+    """The cost model's prediction for one block against that block's measured reconstruction: the
+    fimaq loss (k = 5 snapshots over every image), ``iters`` iterations, the run's kernel path."""
+    model, name, x, targets = block_setup(which)
+    # the estimate measures its floors from the images: the same ones block_setup used
+    if which == "cifar10_vit":
+        images = vitq.calibration_images(model, "cifar10", 1024, seed=0)
+    else:
+        from calibration import imagenet_sample  # benchmarks/calibration.py
+
+        images = imagenet_sample(SAMPLE, model)
+    cfg = ReconConfig(loss="fimaq_dplr", iters=iters, optim_size=len(images))
+    t0 = time.perf_counter()
+    est = estimate_reconstruction(model, images, cfg, "cpu")
+    estimate_s = time.perf_counter() - t0
+    set_mode(model, QuantMode.FLOAT)
+    m = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    with compiled_kernels(compiles(cfg.compile_kernels, cfg.iters)):  # the path the engine takes
+        reconstruct_block(m, name, m.get_submodule(name), x, x, targets, cfg, torch.device("cpu"),
+                          torch.Generator().manual_seed(0), progress=False)
+    measured = time.perf_counter() - t0
+    return {"block": name, "images": len(images), "iters": iters, "snapshots": cfg.rank,
+            "load_avg": os.getloadavg()[0], "machine": machine(), "estimate_s": estimate_s,
+            "predicted_block_s": est.per_block[name], "measured_block_s": measured,
+            "iter_ratio": est.iter_ratio, "snap_ratio": est.snap_ratio, "ratio_block": est.ratio_block,
+            "floors": est.floors[name]}
 
 
 def measure_qat_floor(which: str, iters: int) -> dict:
@@ -545,6 +575,18 @@ def summarise(r: dict) -> str:
                          f"{statistics.median(o['rest_floor_s']):.2f} | {o['ratio_rest']:.2f}x | "
                          f"{statistics.median(o['literal_floor_s']):.2f} | {o['ratio_literal']:.2f}x | "
                          f"{o['load_avg']:.1f} |")
+    if r.get("estimate_block"):
+        e = r["estimate_block"]
+        lines += ["", "## The cost model on one DeiT-S block", "",
+                  f"`python benchmarks/speed.py --groups estimate_block`: `estimate_reconstruction` for "
+                  f"deit_small_patch16_224 (random weights, the {e['images']} ImageNet sample images, fimaq loss, "
+                  f"{e['iters']} iterations, k = {e['snapshots']} snapshots over every image), then {e['block']} "
+                  f"reconstructed for real in the same run ({e['machine']['cpu']}, load {e['load_avg']:.1f}).", "",
+                  "| block | predicted s | measured s | error | iteration ratio | snapshot ratio | estimate took s |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| {e['block']} | {e['predicted_block_s']:.1f} | {e['measured_block_s']:.1f} | "
+                  f"{100 * (e['predicted_block_s'] / e['measured_block_s'] - 1):+.0f}% | {e['iter_ratio']:.2f}x | "
+                  f"{e['snap_ratio']:.2f}x | {e['estimate_s']:.0f} |"]
     if r.get("e2e"):
         lines += _e2e_table(r["e2e"], "## cifar10_vit W3A3 fimaq, 500 iterations, seed 0 (`quantize_with_summary`, "
                             "the CLI's path)")
@@ -612,6 +654,11 @@ def main() -> None:
             r["snapshot_floor"][which] = measure_snapshot_floor(which)
             save()
             print(which, r["snapshot_floor"][which], flush=True)
+    if "estimate_block" in args.groups:
+        if "estimate_block" not in r:
+            r["estimate_block"] = measure_estimate_block()
+            save()
+            print(r["estimate_block"], flush=True)
     if "estimate" in args.groups:  # the cost model again for the measured runs (after a change to it)
         for label, cell in r.get("e2e", {}).items():
             if label != "reference" and "predicted_iteration_ratio" not in cell:
