@@ -70,6 +70,8 @@ def summarise(r: dict) -> str:
         lines += [f"## {key}", "", "| float again | KL | agree % |", "|---|---|---|"]
         lines += [f"| {k} | {v['kl']:.4f} | {v['agree']:.2f} |" for k, v in rows.items()]
         lines.append("")
+    if r.get("notes"):  # what the numbers mean, written after the run (kept in the JSON)
+        lines += ["## Reading the numbers", ""] + [f"- {n}" for n in r["notes"]] + [""]
     lines += [f"Machine: {r['machine']['cpu']}. Versions: {r['versions']}", ""]
     return "\n".join(lines)
 
