@@ -296,3 +296,19 @@ def test_trainable_groups_projection_and_qdrop_switch():
     assert torch.equal(q(x), x)
     q.freeze_()
     assert not q.training and q.drop_prob == 1.0 and not q.scale.requires_grad
+
+
+@pytest.mark.parametrize("bits, base", [(3, "2"), (4, "sqrt2"), (8, "sqrt2")])
+def test_log_softmax_choice_picks_its_base_by_bits(bits: int, base: str) -> None:
+    # base sqrt2's 2^b - 1 nonzero codes reach 2^-(2^b - 2)/2 of the scale: 1/8 at 3 bits, too coarse
+    import vitq
+    from vitq.adapters import prepare
+    from conftest import tiny_vit
+
+    model = tiny_vit()
+    prepare(model, vitq.get_recipe("fimaq-diag+rot+log", w_bits=bits, a_bits=bits).quant_spec())
+    grids = [m.a_quantizer for name, m in model.named_modules() if name.endswith("matmul2")]
+    assert grids and all(isinstance(q, LogQuantizer) and q.base == base and q.bits == bits for q in grids)
+    # the other matmul operands stay uniform
+    assert all(isinstance(m.b_quantizer, UniformQuantizer) for name, m in model.named_modules()
+               if name.endswith("matmul2"))

@@ -26,6 +26,8 @@ preset         what it is
                randomised Hadamard matrix first (vitq.rotation), outlier channels spread out
 ``fimaq-diag+rot``  FIMA-Q's diagonal loss on rotated inputs (the same rotation, then the blocks);
                the rotated recipe chosen on held-out images (benchmarks/beyond.md)
+``fimaq-diag+rot+log``  the same with a logarithmic post-softmax grid (log-sqrt2 from 4 bits, log2
+               below): the post-softmax attention carries most of the W4A4 error
 ``fimaq+dfq``  FIMA-Q with AIQViT's dynamic focusing quantizer (learned [b1, b2]) on post-softmax attention
 ``aiqvit``     AIQViT on its own base: RepQ-ViT calibration, MSE reconstruction without AdaRound,
                DFQ, low-rank compensation with searched ranks, curriculum (aiqvit.md §1.2)
@@ -111,7 +113,7 @@ class Recipe:
     head_a_bits: int | None = None
     patch_embed_w_bits: int | None = None
     quant_image_input: bool = False
-    softmax_quantizer: str = "uniform"   # uniform | log2 | logsqrt2 | dfq (AIQViT's learned interval)
+    softmax_quantizer: str = "uniform"   # uniform | log2 | logsqrt2 | log (by bits) | dfq (AIQViT's learned interval)
     softmax_options: dict[str, Any] = field(default_factory=dict)  # e.g. dfq: granularity, below, init
     matmul_granularity: str = "head"
     calib_size: int = 128
@@ -172,6 +174,10 @@ PRESETS: dict[str, Recipe] = {
     "mse+rot": Recipe(name="mse+rot", rotation="hadamard"),
     "fimaq-diag+rot": Recipe(name="fimaq-diag+rot", rotation="hadamard",
                              reconstruction=ReconConfig(loss="fimaq_diag")),
+    # the same with a logarithmic post-softmax grid (log-sqrt2 from 4 bits, log2 below; scales fixed,
+    # QDropped): the post-softmax attention carries most of the W4A4 error (benchmarks/error_sources.md)
+    "fimaq-diag+rot+log": Recipe(name="fimaq-diag+rot+log", rotation="hadamard", softmax_quantizer="log",
+                                 reconstruction=ReconConfig(loss="fimaq_diag")),
     "fimaq+dfq": Recipe(name="fimaq+dfq", softmax_quantizer="dfq", reconstruction=ReconConfig(loss="fimaq_dplr")),
     # beyond FIMA-Q (issue 15, benchmarks/beyond.md): a GLF-Q-style global term in every block's
     # loss; an end-to-end refinement stage after the blocks

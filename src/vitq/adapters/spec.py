@@ -26,8 +26,8 @@ class QuantSpec:
     image (FIMA-Q's nominal value; FIMA-Q itself leaves the image FP).
 
     ``softmax_quantizer`` names the post-softmax operand quantizer (first operand of attn @ v) in
-    :data:`vitq.quantizers.SOFTMAX_QUANTIZERS` ("uniform", "log2", "logsqrt2", and whatever a
-    method registers, e.g. AIQViT's "dfq"); ``softmax_options`` are handed to that factory as is.
+    :data:`vitq.quantizers.SOFTMAX_QUANTIZERS` ("uniform", "log2", "logsqrt2", "log": base sqrt2 from
+    4 bits and base 2 below, and whatever a method registers, e.g. AIQViT's "dfq"); ``softmax_options`` are handed to that factory as is.
     """
 
     w_bits: Optional[int] = 4

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import VitqError
+from ..recipes import recipe_names
 
 
 # The demo: FIMA-Q at W4/A4 on the reference model with a budget that takes about ten minutes on a
@@ -64,11 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p_q)
     p_q.add_argument("--data", required=True, help="'cifar10' or an image folder with train/ and val/")
     p_q.add_argument("--recipe", default="mse",
-                     help="minmax, percentile, mse, repq (calibration only); qdrop, brecq, fimaq-diag, fimaq-lowrank, "
-                          "fimaq-dplr-lowrank, fimaq, fimaq+dfq, aiqvit, fimaq+lrc, fimaq+aiq (block reconstruction). "
+                     help="a preset: " + ", ".join(recipe_names()) + " (see the README's recipe table). "
                           "Default mse")
-    p_q.add_argument("--softmax-quantizer", choices=("uniform", "log2", "logsqrt2", "dfq"), default=None,
-                     help="quantizer of the post-softmax attention (recipe default; dfq = AIQViT's learned interval)")
+    p_q.add_argument("--softmax-quantizer", choices=("uniform", "log2", "logsqrt2", "log", "dfq"), default=None,
+                     help="quantizer of the post-softmax attention (recipe default; log = log-sqrt2 from 4 bits, "
+                          "log2 below; dfq = AIQViT's learned interval)")
     p_q.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
     p_q.add_argument("--a-bits", type=int, default=None, help="activation bits, 2..8 (default 4; off with --target ort-w4)")
     p_q.add_argument("--head-bits", type=int, default=None, help="keep the classifier head at these W/A bits (e.g. 8)")
