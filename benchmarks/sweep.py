@@ -25,12 +25,18 @@ def open_results(path: Path, all_groups: Sequence[str], requested: Sequence[str]
 
 
 def save_results(path: Path, results: dict, md_path: Path, summarise: Callable[[dict], str]) -> None:
-    """Write the JSON and its markdown table atomically, keeping cells another sweep wrote meanwhile
-    (but not the keys this sweep retired on purpose, listed in ``results["retired_keys"]``)."""
+    """Write the JSON and its markdown table atomically, keeping cells and notes another sweep wrote
+    meanwhile (but not the keys this sweep retired on purpose, listed in ``results["retired_keys"]``).
+    A note edited since this sweep started is kept in both versions: edit notes when no sweep runs."""
     retired = set(results.get("retired_keys", ()))
     if path.is_file():
-        for key, cell in json.loads(path.read_text())["cells"].items():
+        on_disk = json.loads(path.read_text())
+        for key, cell in on_disk["cells"].items():
             if key not in retired:
                 results["cells"].setdefault(key, cell)
+        # notes added meanwhile (by hand or by another sweep) stay, after this sweep's own
+        added = [n for n in on_disk.get("notes", []) if n not in results.get("notes", [])]
+        if added:
+            results["notes"] = results.get("notes", []) + added
     atomic_write_bytes(path, lambda fh: fh.write(json.dumps(results, indent=2).encode()))
     atomic_write_bytes(md_path, lambda fh: fh.write(summarise(results).encode()))
