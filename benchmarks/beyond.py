@@ -162,6 +162,11 @@ def cells(groups: list[str]) -> list[dict]:
             out.append(cell("logsoftmax", "cifar10_swin", **CHOSEN, bits=3, seed=seed, sm="log2"))
         for seed in SEEDS:
             out.append(cell("logsoftmax", "cifar10_swin", **CHOSEN, bits=4, seed=seed, sm="logsqrt2"))
+    if "logbudget" in groups:
+        # the log grid at the budget that gained most with the uniform one (group budget)
+        for iters in (500, 1000):
+            out.append(cell("logbudget", vit, recipe="fimaq-diag", bits=3, seed=0, iters=iters, rot="hadamard",
+                            sm="log2"))
     if "main" in groups:
         # the chosen recipe's cells first (W4A4 before W3A3), so a sitting that ends early leaves the
         # new recipe's seeds rather than half of each
@@ -297,7 +302,7 @@ def summarise(results: dict) -> str:
              "settings apart with less noise than top-1.", "",
              "| cell | held-out top-1 | held-out agree | held-out KL | test top-1 | test agree | test KL | seconds "
              "| refine s | flips |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for c in cells(["tune", "rotation", "budget"]):
+    for c in cells(["tune", "rotation", "budget", "logbudget"]):
         r = rows.get(cell_key(c))
         if r:
             lines.append(f"| {cell_key(c)} | {r['heldout']:.2f} | {r['heldout_agree']:.2f} | {r['heldout_kl']:.4f} | "
@@ -349,8 +354,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out_json = args.out / "beyond.json"
-    results, groups = open_results(out_json, ("tune", "rotation", "budget", "budget4", "lrc", "logsoftmax", "main",
-                                              "compute"), args.groups)
+    results, groups = open_results(out_json, ("tune", "rotation", "budget", "budget4", "lrc", "logsoftmax",
+                                              "logbudget", "main", "compute"), args.groups)
     results.update(versions=versions(), command="python benchmarks/beyond.py --groups " + " ".join(groups))
 
     def save() -> None:
