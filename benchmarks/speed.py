@@ -67,6 +67,11 @@ EVAL_BATCH = 100
 
 def block_setup(which: str) -> tuple:
     """(model prepared + minmax-calibrated, block name, block input, targets) for one test block."""
+    return block_setup_with_images(which)[:4]
+
+
+def block_setup_with_images(which: str) -> tuple:
+    """:func:`block_setup`'s tuple and the preprocessed images it was built from."""
     if which == "cifar10_vit":
         model = vitq.load_model("cifar10_vit").eval()
         images = vitq.calibration_images(model, "cifar10", 1024, seed=0)
@@ -88,7 +93,7 @@ def block_setup(which: str) -> tuple:
     x = capture_block_input(model, name, block, images, 32, torch.device("cpu"), torch.device("cpu"))
     with torch.no_grad():
         logits = torch.cat([model(images[i:i + 64]) for i in range(0, len(images), 64)])
-    return model, name, x, torch.softmax(logits / 20, -1)
+    return model, name, x, torch.softmax(logits / 20, -1), images
 
 
 # the kernel paths compared: the plain-autograd one before this benchmark (QDrop coins from float
@@ -303,14 +308,7 @@ def measure_snapshot_floor(which: str, repeats: int = 3) -> dict:
 def measure_estimate_block(which: str = "deit_small_patch16_224", iters: int = 40) -> dict:
     """The cost model's prediction for one block against that block's measured reconstruction: the
     fimaq loss (k = 5 snapshots over every image), ``iters`` iterations, the run's kernel path."""
-    model, name, x, targets = block_setup(which)
-    # the estimate measures its floors from the images: the same ones block_setup used
-    if which == "cifar10_vit":
-        images = vitq.calibration_images(model, "cifar10", 1024, seed=0)
-    else:
-        from calibration import imagenet_sample  # benchmarks/calibration.py
-
-        images = imagenet_sample(SAMPLE, model)
+    model, name, x, targets, images = block_setup_with_images(which)  # the estimate starts from the images
     cfg = ReconConfig(loss="fimaq_dplr", iters=iters, optim_size=len(images))
     t0 = time.perf_counter()
     est = estimate_reconstruction(model, images, cfg, "cpu")
@@ -562,7 +560,8 @@ def summarise(r: dict) -> str:
     if r.get("snapshot_floor"):
         lines += ["", "## The snapshot against the issue's floor read literally", "",
                   "`python benchmarks/speed.py --groups snapshot_floor`: one Fisher snapshot pass of the engine "
-                  "(compiled kernels, QDrop on, over the block's images: cifar10_vit's 1024 optimisation images, DeiT-S's 125 ImageNet sample images) against two floors, alternating, "
+                  "(compiled kernels, QDrop on, over the block's images: cifar10_vit's 1024 optimisation images, "
+                  "DeiT-S's 125 ImageNet sample images) against two floors, alternating, "
                   "the median of three each. **rest**: the float model from the block's output to the logits and "
                   "back (the floor of the tables above, which leaves the block itself out). **literal**: 'the model "
                   "from that block to the logits', the block included, fake-quantized with PyTorch's own ops as "
@@ -571,7 +570,8 @@ def summarise(r: dict) -> str:
                   "| model | block | images | machine | snapshot s | rest floor s | snapshot / rest | literal floor s | "
                   "snapshot / literal | load |", "|---|---|---|---|---|---|---|---|---|---|"]
         for which, o in r["snapshot_floor"].items():
-            lines.append(f"| {which} | {o['block']} | {o['images']} | {o['machine']['cpu']} | {statistics.median(o['snapshot_s']):.2f} | "
+            lines.append(f"| {which} | {o['block']} | {o['images']} | {o['machine']['cpu']} | "
+                         f"{statistics.median(o['snapshot_s']):.2f} | "
                          f"{statistics.median(o['rest_floor_s']):.2f} | {o['ratio_rest']:.2f}x | "
                          f"{statistics.median(o['literal_floor_s']):.2f} | {o['ratio_literal']:.2f}x | "
                          f"{o['load_avg']:.1f} |")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import per_channel_weight_grid
+import vitq
+from conftest import per_channel_weight_grid, tiny_vit
+from vitq.adapters import prepare
 from vitq.errors import VitqError
 from vitq.qmodules import QuantLinear, QuantMatMul, QuantMode, set_mode
 from vitq.quantizers import LogQuantizer, UniformQuantizer, round_ste
@@ -301,10 +303,6 @@ def test_trainable_groups_projection_and_qdrop_switch():
 @pytest.mark.parametrize("bits, base", [(3, "2"), (4, "sqrt2"), (8, "sqrt2")])
 def test_log_softmax_choice_picks_its_base_by_bits(bits: int, base: str) -> None:
     # base sqrt2's 2^b - 1 nonzero codes reach 2^-(2^b - 2)/2 of the scale: 1/8 at 3 bits, too coarse
-    import vitq
-    from vitq.adapters import prepare
-    from conftest import tiny_vit
-
     model = tiny_vit()
     prepare(model, vitq.get_recipe("fimaq-diag+rot+log", w_bits=bits, a_bits=bits).quant_spec())
     grids = [m.a_quantizer for name, m in model.named_modules() if name.endswith("matmul2")]

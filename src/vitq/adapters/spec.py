@@ -27,7 +27,8 @@ class QuantSpec:
 
     ``softmax_quantizer`` names the post-softmax operand quantizer (first operand of attn @ v) in
     :data:`vitq.quantizers.SOFTMAX_QUANTIZERS` ("uniform", "log2", "logsqrt2", "log": base sqrt2 from
-    4 bits and base 2 below, and whatever a method registers, e.g. AIQViT's "dfq"); ``softmax_options`` are handed to that factory as is.
+    4 bits and base 2 below, and whatever a method registers, e.g. AIQViT's "dfq");
+    ``softmax_options`` are handed to that factory as is.
     """
 
     w_bits: Optional[int] = 4

@@ -27,8 +27,7 @@ def _log_softmax_by_bits(bits: int, granularity: str, num_heads: int, options: d
     """Base sqrt2 from 4 bits, base 2 below. The 2^b - 1 nonzero codes of a base-sqrt2 grid reach
     down to 2^-(2^b - 2)/2 of its scale: 1/128 at 4 bits, but 1/8 at 3, where most attention
     probabilities fall below the grid and become 0 (benchmarks/error_sources.md)."""
-    base = "sqrt2" if bits is not None and bits >= 4 else "2"
-    return LogQuantizer(bits, base=base, granularity=granularity, axis=1 if granularity == "head" else None)
+    return _log_softmax("sqrt2" if bits is not None and bits >= 4 else "2")(bits, granularity, num_heads, options)
 
 
 register_softmax_quantizer("uniform", _uniform_softmax)
