@@ -57,6 +57,9 @@ MODELS = ("cifar10_vit", "cifar10_swin")
 # (76.40 / 89.42 / 0.138 against the unrotated 75.56 / 88.04 / 0.156); rotating the attention
 # operands too (76.00 / 89.00 / 0.139) and soft refinement on top (75.86 / 88.72 / 0.147) did not add.
 CHOSEN = dict(recipe="fimaq-diag", iters=250, rot="hadamard")
+# the new recipe (preset fimaq-diag+rot+log): the chosen one with the log post-softmax grid of group
+# logsoftmax (log2 at W3A3, where it is the grid the preset's "log" quantizer picks)
+NEW = {**CHOSEN, "sm": "log2"}
 # The mse calibration search scores its candidates on a subsample (16 images / 2,048 rows), as every
 # reconstruction row of benchmarks/fimaq.md did: a reconstruction stage follows and fixes what the
 # full search would add, and the full search alone costs ~480 s here (benchmarks/calibration.md)
@@ -64,9 +67,10 @@ CALIB_SEARCH = {"max_search_tokens": 2048, "max_search_samples": 16, "max_search
 # cell fields beyond (model, recipe, bits, seed, iters) and their defaults: off
 EXTRA = {"glob": 0.0, "gevery": 1, "refine": 0, "rrounding": "hard", "rdrop": 1.0, "ract_lr": 4e-5, "rbias": False,
          "rtemp": 1.0, "rot": "none", "rattn": False, "lrc": False,
-         "sm": "uniform"}
+         "sm": "uniform", "tag": ""}
 LABELS = {"glob": "g", "gevery": "ge", "refine": "r", "rrounding": "", "rdrop": "rd", "ract_lr": "rlr",
-          "rbias": "rb", "rtemp": "rt", "rot": "rot", "rattn": "ra", "lrc": "lrc", "sm": "sm"}
+          "rbias": "rb", "rtemp": "rt", "rot": "rot", "rattn": "ra", "lrc": "lrc", "sm": "sm",
+          "tag": ""}
 # AIQViT's low-rank compensation merged into the weights (no inference cost) with searched ranks, as
 # the fimaq+lrc row of benchmarks/aiqvit.md (150 search iterations per block, no curriculum)
 LRC = AIQConfig(curriculum=False, search_iters=150)
@@ -163,10 +167,12 @@ def cells(groups: list[str]) -> list[dict]:
         for seed in SEEDS:
             out.append(cell("logsoftmax", "cifar10_swin", **CHOSEN, bits=4, seed=seed, sm="logsqrt2"))
     if "logbudget" in groups:
-        # the log grid at the budget that gained most with the uniform one (group budget)
-        for iters in (500, 1000):
-            out.append(cell("logbudget", vit, recipe="fimaq-diag", bits=3, seed=0, iters=iters, rot="hadamard",
-                            sm="log2"))
+        # the log grid at the budget that gained most with the uniform one (group budget): seed 0 of
+        # both budgets first (chosen on held-out), then the other seeds (run with --iters)
+        for seeds in ((0,), SEEDS[1:]):
+            for iters in (500, 1000):
+                for seed in seeds:
+                    out.append(cell("logbudget", vit, **{**NEW, "iters": iters}, bits=3, seed=seed))
     if "main" in groups:
         # the chosen recipe's cells first (W4A4 before W3A3), so a sitting that ends early leaves the
         # new recipe's seeds rather than half of each
@@ -176,7 +182,11 @@ def cells(groups: list[str]) -> list[dict]:
                     for seed in SEEDS:
                         out.append(cell("main", model, bits=bits, seed=seed, **spec))
     if "compute" in groups:
+        # the new recipe (preset fimaq-diag+rot+log at 250 iterations) and fimaq at 2000 in one process,
+        # one after the other: its own block stage ("timed"), never the logsoftmax cell's checkpoint,
+        # whose per-block seconds were measured under another load
         for model in MODELS:
+            out.append(cell("compute", model, **NEW, bits=3, seed=0, tag="timed"))
             out.append(cell("compute", model, recipe="fimaq", bits=3, seed=0, iters=2000))
     return out
 
@@ -188,7 +198,7 @@ def cell_key(c: dict) -> str:
 
 def block_stage_key(c: dict) -> str:
     """The work folder: cells that differ only in their refinement share the block stage."""
-    extra = "".join(f"-{LABELS[k]}{c[k]}" for k in ("glob", "gevery", "rot", "rattn", "lrc", "sm") if k in c)
+    extra = "".join(f"-{LABELS[k]}{c[k]}" for k in ("glob", "gevery", "rot", "rattn", "lrc", "sm", "tag") if k in c)
     return f"{c['model']}-{c['recipe']}-w{c['bits']}a{c['bits']}-s{c['seed']}-i{c['iters']}{extra}"
 
 
@@ -325,14 +335,22 @@ def summarise(results: dict) -> str:
                                       "rotation; group budget4)"),
                          ("lrc", "The chosen recipe plus merged low-rank compensation (cifar10_vit; group lrc)"),
                          ("logsoftmax", "The chosen recipe with a logarithmic post-softmax quantizer (log-sqrt2 at W4A4, "
-                                        "log2 at W3A3; group logsoftmax)")):
+                                        "log2 at W3A3; group logsoftmax)"),
+                         ("logbudget", "The new recipe (fimaq-diag+rot+log) at W3A3 with 500 and 1000 iterations per block "
+                                       "(cifar10_vit; group logbudget)")):
         lines += _seed_table(title, [c for c in cells([group])], rows)
-    lines += ["", "## Compute: fimaq at 2,000 iterations per block (seed 0, W3A3)", "",
-              "| model | test | seconds |", "|---|---|---|"]
-    for c in cells(["compute"]):
+    lines += ["", "## Compute: the new recipe against fimaq at 2,000 iterations per block (seed 0, W3A3, "
+                  "one process, one after the other)", "",
+              "| model | cell | test | held-out | seconds | load at start | share of fimaq-2000's time |",
+              "|---|---|---|---|---|---|---|"]
+    compute = cells(["compute"])
+    for c in compute:
         r = rows.get(cell_key(c))
         if r:
-            lines.append(f"| {c['model']} | {r['test']:.2f} | {r['seconds']:.0f} |")
+            ref = rows.get(cell_key(next(d for d in compute if d["model"] == c["model"] and d["iters"] == 2000)))
+            share = f"{r['seconds'] / ref['seconds']:.2f}" if ref else "-"
+            lines.append(f"| {c['model']} | {cell_key(c)} | {r['test']:.2f} | {r['heldout']:.2f} | "
+                         f"{r['seconds']:.0f} | {r['load_at_start']:.2f} | {share} |")
     missing = [cell_key(c) for c in cells(results["groups"]) if cell_key(c) not in rows]
     if missing:
         lines += ["", "## Not measured yet", "", "`" + "`, `".join(missing) + "`"]
@@ -348,6 +366,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS), help="run only these models' cells")
     ap.add_argument("--bits", nargs="*", type=int, default=[3, 4], help="run only these widths' cells")
     ap.add_argument("--recipes", nargs="*", default=None, help="run only these recipes' cells")
+    ap.add_argument("--iters", nargs="*", type=int, default=None, help="run only cells of these block budgets")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     ap.add_argument("--work", type=Path, default=Path("runs/bench_beyond"))
     ap.add_argument("--threads", type=int, default=1)
@@ -362,7 +381,8 @@ def main() -> None:
         save_results(out_json, results, args.out / "beyond.md", summarise)
 
     todo = [c for c in cells(args.groups) if cell_key(c) not in results["cells"] and c["model"] in args.models
-            and c["bits"] in args.bits and (args.recipes is None or c["recipe"] in args.recipes)]
+            and c["bits"] in args.bits and (args.recipes is None or c["recipe"] in args.recipes)
+            and (args.iters is None or c["iters"] in args.iters)]
     current = None
     for i, c in enumerate(todo):
         if c["model"] != current:
