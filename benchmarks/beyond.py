@@ -67,10 +67,10 @@ CALIB_SEARCH = {"max_search_tokens": 2048, "max_search_samples": 16, "max_search
 # cell fields beyond (model, recipe, bits, seed, iters) and their defaults: off
 EXTRA = {"glob": 0.0, "gevery": 1, "refine": 0, "rrounding": "hard", "rdrop": 1.0, "ract_lr": 4e-5, "rbias": False,
          "rtemp": 1.0, "rot": "none", "rattn": False, "lrc": False,
-         "sm": "uniform", "tag": ""}
+         "sm": "uniform", "k": 5, "tag": ""}
 LABELS = {"glob": "g", "gevery": "ge", "refine": "r", "rrounding": "", "rdrop": "rd", "ract_lr": "rlr",
           "rbias": "rb", "rtemp": "rt", "rot": "rot", "rattn": "ra", "lrc": "lrc", "sm": "sm",
-          "tag": ""}
+          "k": "k", "tag": ""}
 # AIQViT's low-rank compensation merged into the weights (no inference cost) with searched ranks, as
 # the fimaq+lrc row of benchmarks/aiqvit.md (150 search iterations per block, no curriculum)
 LRC = AIQConfig(curriculum=False, search_iters=150)
@@ -185,8 +185,11 @@ def cells(groups: list[str]) -> list[dict]:
         # the new recipe (preset fimaq-diag+rot+log at 250 iterations) and fimaq at 2000 in one process,
         # one after the other: its own block stage ("timed"), never the logsoftmax cell's checkpoint,
         # whose per-block seconds were measured under another load
+        # k = 1: one Fisher snapshot per block instead of 5 (each costs a pass through the rest of the
+        # network over all 1024 images, most of a 250-iteration block's time; fimaq.md: k=1 73.08 vs 73.23)
         for model in MODELS:
             out.append(cell("compute", model, **NEW, bits=3, seed=0, tag="timed"))
+            out.append(cell("compute", model, **NEW, bits=3, seed=0, k=1, tag="timed"))
             out.append(cell("compute", model, recipe="fimaq", bits=3, seed=0, iters=2000))
     return out
 
@@ -198,7 +201,7 @@ def cell_key(c: dict) -> str:
 
 def block_stage_key(c: dict) -> str:
     """The work folder: cells that differ only in their refinement share the block stage."""
-    extra = "".join(f"-{LABELS[k]}{c[k]}" for k in ("glob", "gevery", "rot", "rattn", "lrc", "sm", "tag") if k in c)
+    extra = "".join(f"-{LABELS[k]}{c[k]}" for k in ("glob", "gevery", "rot", "rattn", "lrc", "sm", "k", "tag") if k in c)
     return f"{c['model']}-{c['recipe']}-w{c['bits']}a{c['bits']}-s{c['seed']}-i{c['iters']}{extra}"
 
 
@@ -209,7 +212,7 @@ def recipe_of(c: dict):
                              aiq=LRC if e["lrc"] else None, softmax_quantizer=e["sm"])
     if recipe.reconstruction is not None:
         recipe = vitq.get_recipe(recipe, reconstruction={"iters": c["iters"], "global_weight": e["glob"],
-                                                         "global_every": e["gevery"]})
+                                                         "global_every": e["gevery"], "rank": e["k"]})
     if e["refine"]:
         recipe = vitq.get_recipe(recipe, refine={"iters": e["refine"], "rounding": e["rrounding"],
                                                  "drop_prob": e["rdrop"], "act_lr": e["ract_lr"],
