@@ -378,6 +378,7 @@ def main() -> None:
     ap.add_argument("--bits", nargs="*", type=int, default=[3, 4], help="run only these widths' cells")
     ap.add_argument("--recipes", nargs="*", default=None, help="run only these recipes' cells")
     ap.add_argument("--iters", nargs="*", type=int, default=None, help="run only cells of these block budgets")
+    ap.add_argument("--seeds", nargs="*", type=int, default=None, help="run only these seeds' cells")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     ap.add_argument("--work", type=Path, default=Path("runs/bench_beyond"))
     ap.add_argument("--threads", type=int, default=1)
@@ -393,7 +394,7 @@ def main() -> None:
 
     todo = [c for c in cells(args.groups) if cell_key(c) not in results["cells"] and c["model"] in args.models
             and c["bits"] in args.bits and (args.recipes is None or c["recipe"] in args.recipes)
-            and (args.iters is None or c["iters"] in args.iters)]
+            and (args.iters is None or c["iters"] in args.iters) and (args.seeds is None or c["seed"] in args.seeds)]
     current = None
     for i, c in enumerate(todo):
         if c["model"] != current:
