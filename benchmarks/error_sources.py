@@ -1,13 +1,14 @@
-"""Which quantizers carry cifar10_vit's error after calibration: each group back to float.
+"""Which quantizers carry a reference model's error after calibration: each group back to float.
 
-    python benchmarks/error_sources.py [--bits 4 3] [--softmax uniform log2 logsqrt2]
+    python benchmarks/error_sources.py [--model cifar10_vit] [--bits 4 3] [--softmax uniform log2 logsqrt2]
 
 `mse` calibration with rotated linear inputs (the subsampled search of benchmarks/beyond.py, seed 0),
 then every group of quantizers (one role of one slot across the blocks: ``attn.qkv.w`` the qkv
 weights, ``attn.matmul2.a`` the post-softmax attention, ...) switched back to float in turn, and
 the model scored against the float model on every 5th of beyond.py's held-out training images
 (1,000): KL(float || quantized) and top-1 agreement. The softmax-quantizer rows calibrate again
-with that post-softmax grid. Writes error_sources.json / .md beside this script; resumes per row.
+with that post-softmax grid. Sections are cifar10_vit's unless their title names another model.
+Writes error_sources.json / .md beside this script; resumes per row.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def without(model: torch.nn.Module, pairs: list[tuple[str, str]]) -> torch.nn.Mo
 
 
 def summarise(r: dict) -> str:
-    lines = ["# Where the quantization error sits (cifar10_vit, calibration only)", "",
-             f"Command: `{r['command']}`", "", __doc__.split("\n\n", 2)[2].strip(), ""]
+    lines = ["# Where the quantization error sits (calibration only)", "",
+             "Commands: " + ", ".join(f"`{c}`" for c in r["commands"]), "", __doc__.split("\n\n", 2)[2].strip(), ""]
     for key, rows in r["runs"].items():
         lines += [f"## {key}", "", "| float again | KL | agree % |", "|---|---|---|"]
         lines += [f"| {k} | {v['kl']:.4f} | {v['agree']:.2f} |" for k, v in rows.items()]
@@ -78,6 +79,7 @@ def summarise(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="cifar10_vit", choices=beyond.MODELS)
     ap.add_argument("--bits", nargs="*", type=int, default=[4, 3])
     ap.add_argument("--softmax", nargs="*", default=["uniform", "log2", "logsqrt2"])
     ap.add_argument("--out", type=Path, default=HERE)
@@ -85,13 +87,19 @@ def main() -> None:
     torch.set_num_threads(1)
     path = args.out / "error_sources.json"
     r = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
-    r.update(command="python benchmarks/error_sources.py", versions=versions(), machine=machine())
+    command = "python benchmarks/error_sources.py" + "".join(
+        f" --{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
+        if k != "out" and v != ap.get_default(k))
+    commands = r.setdefault("commands", [r.pop("command")] if "command" in r else [])
+    if command not in commands:
+        commands.append(command)
+    r.update(versions=versions(), machine=machine())
 
     def save() -> None:
         atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
         atomic_write_bytes(args.out / "error_sources.md", lambda fh: fh.write(summarise(r).encode()))
 
-    fp_model = vitq.load_model("cifar10_vit").eval()
+    fp_model = vitq.load_model(args.model).eval()
     images, labels = load_cifar10("train")
     idx = beyond.heldout_indices(len(images), 1024)[::5]
     data = ArrayImageDataset(images[idx], labels[idx], eval_transform(fp_model))
@@ -102,6 +110,8 @@ def main() -> None:
     for bits in args.bits:
         for softmax in args.softmax:
             key = f"W{bits}A{bits}, {softmax} post-softmax"
+            if args.model != "cifar10_vit":  # the first sections, cifar10_vit's, keep their names
+                key = f"{args.model}: {key}"
             rows = r["runs"].setdefault(key, {})
             if key in r.setdefault("complete", []):
                 continue
