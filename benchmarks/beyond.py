@@ -362,9 +362,14 @@ def summarise(results: dict) -> str:
             share = f"{r['seconds'] / ref['seconds']:.2f}" if ref else "-"
             lines.append(f"| {c['model']} | {cell_key(c)} | {r['test']:.2f} | {r['heldout']:.2f} | "
                          f"{r['seconds']:.0f} | {r['load_at_start']:.2f} | {share} |")
+    # cells a note says were stopped on purpose (a seed 0 that lost on the held-out images) are
+    # decisions, listed apart from the cells still to run
+    stopped = set(results.get("stopped", ()))
     missing = [cell_key(c) for c in cells(results["groups"]) if cell_key(c) not in rows]
-    if missing:
-        lines += ["", "## Not measured yet", "", "`" + "`, `".join(missing) + "`"]
+    for title, keys in (("Not measured yet", [k for k in missing if k not in stopped]),
+                        ("Stopped on purpose (the notes say why)", [k for k in missing if k in stopped])):
+        if keys:
+            lines += ["", f"## {title}", "", "`" + "`, `".join(keys) + "`"]
     if results.get("notes"):  # what the numbers mean, written after the run (kept in the JSON)
         lines += ["", "## Reading the numbers", ""] + [f"- {n}" for n in results["notes"]]
     lines += ["", f"Versions: {results['versions']}", ""]
