@@ -68,6 +68,8 @@ CALIB_SEARCH = {"max_search_tokens": 2048, "max_search_samples": 16, "max_search
 EXTRA = {"glob": 0.0, "gevery": 1, "refine": 0, "rrounding": "hard", "rdrop": 1.0, "ract_lr": 4e-5, "rbias": False,
          "rtemp": 1.0, "rot": "none", "rattn": False, "lrc": False,
          "sm": "uniform", "k": 5, "tag": ""}
+# the fields that only change the refinement stage (every other field changes the block stage)
+REFINE_FIELDS = ("refine", "rrounding", "rdrop", "ract_lr", "rbias", "rtemp")
 LABELS = {"glob": "g", "gevery": "ge", "refine": "r", "rrounding": "", "rdrop": "rd", "ract_lr": "rlr",
           "rbias": "rb", "rtemp": "rt", "rot": "rot", "rattn": "ra", "lrc": "lrc", "sm": "sm",
           "k": "k", "tag": ""}
@@ -209,7 +211,7 @@ def cell_key(c: dict) -> str:
 
 def block_stage_key(c: dict) -> str:
     """The work folder: cells that differ only in their refinement share the block stage."""
-    extra = "".join(f"-{LABELS[k]}{c[k]}" for k in ("glob", "gevery", "rot", "rattn", "lrc", "sm", "k", "tag") if k in c)
+    extra = "".join(f"-{LABELS[k]}{c[k]}" for k in EXTRA if k in c and k not in REFINE_FIELDS)
     return f"{c['model']}-{c['recipe']}-w{c['bits']}a{c['bits']}-s{c['seed']}-i{c['iters']}{extra}"
 
 

@@ -90,7 +90,7 @@ def main() -> None:
     command = "python benchmarks/error_sources.py" + "".join(
         f" --{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
         if k != "out" and v != ap.get_default(k))
-    commands = r.setdefault("commands", [r.pop("command")] if "command" in r else [])
+    commands = r.setdefault("commands", [])
     if command not in commands:
         commands.append(command)
     r.update(versions=versions(), machine=machine())

@@ -27,7 +27,7 @@ preset         what it is
 ``fimaq-diag+rot``  FIMA-Q's diagonal loss on rotated inputs (the same rotation, then the blocks);
                the rotated recipe chosen on held-out images (benchmarks/beyond.md)
 ``fimaq-diag+rot+log``  the same with a logarithmic post-softmax grid (log-sqrt2 from 4 bits, log2
-               below): the post-softmax attention carries most of the W4A4 error
+               below): the post-softmax attention carries much of cifar10_vit's W4A4 error
 ``fimaq+dfq``  FIMA-Q with AIQViT's dynamic focusing quantizer (learned [b1, b2]) on post-softmax attention
 ``aiqvit``     AIQViT on its own base: RepQ-ViT calibration, MSE reconstruction without AdaRound,
                DFQ, low-rank compensation with searched ranks, curriculum (aiqvit.md §1.2)
@@ -175,7 +175,7 @@ PRESETS: dict[str, Recipe] = {
     "fimaq-diag+rot": Recipe(name="fimaq-diag+rot", rotation="hadamard",
                              reconstruction=ReconConfig(loss="fimaq_diag")),
     # the same with a logarithmic post-softmax grid (log-sqrt2 from 4 bits, log2 below; scales fixed,
-    # QDropped): the post-softmax attention carries most of the W4A4 error (benchmarks/error_sources.md)
+    # QDropped): the post-softmax attention carries much of cifar10_vit's W4A4 error (benchmarks/error_sources.md)
     "fimaq-diag+rot+log": Recipe(name="fimaq-diag+rot+log", rotation="hadamard", softmax_quantizer="log",
                                  reconstruction=ReconConfig(loss="fimaq_diag")),
     "fimaq+dfq": Recipe(name="fimaq+dfq", softmax_quantizer="dfq", reconstruction=ReconConfig(loss="fimaq_dplr")),
