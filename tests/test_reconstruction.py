@@ -395,3 +395,63 @@ def test_rank_search_warmup_trains_factors_before_the_architecture_steps(warmup,
     monkeypatch.setattr(aiq_recon, "first_order_darts_step", spy)
     vitq.quantize(tiny_model(), data, "aiqvit", **aiq_quick(search_iters=4, search_warmup=warmup))
     assert (seen[0] > 0) == trained_before_arch
+
+
+def test_snapshot_images_average_over_a_fixed_strided_subset(data):
+    """snapshot_images=m: every snapshot is the one taken over exactly those m images (no draw), and
+    the default (all images) is what it was before the option existed, checkpoint key included."""
+    from vitq.reconstruction import checkpoint
+    from vitq.reconstruction.config import snapshot_subset
+    from vitq.reconstruction.fisher import FisherState, refresh_snapshots
+
+    assert snapshot_subset(10, 4).tolist() == [0, 2, 5, 7]
+    assert snapshot_subset(10, None) is None and snapshot_subset(10, 10) is None
+    model = vitq.quantize(tiny_model(), data, "minmax", w_bits=4, a_bits=4, calib_size=48, progress=False)
+    set_mode(model, QuantMode.FLOAT)
+    with torch.no_grad():
+        targets = torch.softmax(model(data) / 20.0, -1)
+    block = model.blocks[0]
+    x = engine.capture_block_input(model, "blocks.0", block, data, 16, torch.device("cpu"), torch.device("cpu"))
+    with torch.no_grad():
+        y = block(x)
+    set_mode(block, QuantMode.QUANT)
+    m = len(x) // 3
+    idx = snapshot_subset(len(x), m)
+    states = {}
+    for label, cfg, (xs, ys, ts) in (("subset", ReconConfig(capture_batch_size=16, snapshot_images=m), (x, y, targets)),
+                                     ("by hand", ReconConfig(capture_batch_size=16), (x[idx], y[idx], targets[idx])),
+                                     ("all", ReconConfig(capture_batch_size=16), (x, y, targets))):
+        states[label] = FisherState()
+        refresh_snapshots(model, "blocks.0", block, xs, xs, ys, ts, cfg, torch.device("cpu"),
+                          torch.Generator().manual_seed(0), states[label])
+    assert torch.allclose(states["subset"].g_bar, states["by hand"].g_bar, rtol=1e-5, atol=1e-10)
+    assert torch.allclose(states["subset"].G_mat, states["by hand"].G_mat, rtol=1e-5, atol=1e-10)
+    assert not torch.allclose(states["subset"].g_bar, states["all"].g_bar, rtol=1e-3)
+    assert "snapshot_images" not in checkpoint.recon_settings(ReconConfig())
+    assert checkpoint.recon_settings(ReconConfig(snapshot_images=64))["snapshot_images"] == 64
+    with pytest.raises(vitq.VitqError, match="snapshot_images must be between 1 and optim_size"):
+        ReconConfig(optim_size=128, snapshot_images=256)
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_stepped_block_inputs_equal_capturing_the_whole_prefix(data, monkeypatch, family):
+    """Each block's inputs come from the previous block's (that block and the glue after it, not
+    the whole prefix again): the quantized model is the one full captures give, bit for bit."""
+    build = tiny_vit if family == "vit" else tiny_swin
+    x = data if family == "vit" else torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    stepped = []
+    real = engine.step_block_input
+
+    def counting(*args, **kwargs):
+        out = real(*args, **kwargs)
+        stepped.append(out is not None)
+        return out
+
+    monkeypatch.setattr(engine, "step_block_input", counting)
+    a = vitq.quantize(build(), x, "fimaq-diag", **quick(iters=6, rank=1))
+    n_blocks = len(vitq.adapters.reconstruction_blocks(a))
+    assert stepped and all(stepped) and len(stepped) == 2 * (n_blocks - 1)  # x_fp and x_q of every block after the first
+    monkeypatch.setattr(engine, "step_block_input", lambda *args, **kwargs: None)
+    b = vitq.quantize(build(), x, "fimaq-diag", **quick(iters=6, rank=1))
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))

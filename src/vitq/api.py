@@ -190,11 +190,13 @@ def _quantize(model: nn.Module, calib_data: Any, recipe: str | Recipe, device: s
             teacher = float_logits(model, refine_images, recipe.refine.batch_size, dev)
     if recipe.reconstruction is not None:
         from .reconstruction import reconstruct
+        from .reconstruction.checkpoint import recon_settings
 
         extension = recipe.aiq.make_extension() if recipe.aiq is not None else None
         # the block stage does not depend on the recipe's name or its refinement, so a run that
         # differs only in those resumes the same finished blocks
         settings = {k: v for k, v in recipe.to_dict().items() if k not in ("name", "refine")}
+        settings["reconstruction"] = recon_settings(recipe.reconstruction)
         with stage(stages, "reconstruction", dev):
             recon = reconstruct(model, pool, recipe.reconstruction, dev, seed=recipe.seed, progress=progress,
                                 work_dir=work_dir, run_settings={"recipe": settings}, extension=extension,

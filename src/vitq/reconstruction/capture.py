@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
-from ..adapters import block_input_source
+from ..distributed import sharded_map
+from ..adapters import block_input_source, forward_after
 from ..capture import StopForward, run_until_stopped
 
 
@@ -35,6 +36,52 @@ def capture_block_input(model: nn.Module, name: str, block: nn.Module, images: t
     handle = source.register_forward_hook(post_hook) if from_output else source.register_forward_pre_hook(pre_hook)
     run_until_stopped(model, distributed.local_rows(images), batch_size, device, [handle])
     return distributed.gather_rows(torch.cat(chunks))
+
+
+class _NotReached(Exception):
+    """The rest of the network after a block did not reach the next block's input."""
+
+
+@torch.no_grad()
+def step_block_input(model: nn.Module, name: str, block: nn.Module, x: torch.Tensor, next_name: str,
+                     next_block: nn.Module, batch_size: int, device: torch.device, store: torch.device
+                     ) -> torch.Tensor | None:
+    """The input of block ``next_name`` from the input ``x`` of the block ``name`` just before it.
+
+    Runs that block and what follows it (the adapter's ``forward_after``) up to the next block's
+    input, with the model's current modes: the same tensor :func:`capture_block_input` gets by
+    running the whole prefix again, for the cost of one block instead of all those before it (the
+    captures of a reconstruction would otherwise grow with the square of the depth). None when the
+    rest of the network does not reach the next block's input; the caller captures it in full.
+    """
+    source, from_output = block_input_source(model, next_name, next_block)
+    got: list[torch.Tensor] = []
+
+    def pre_hook(_m: nn.Module, inputs: tuple) -> None:
+        got.append(inputs[0].detach())
+        raise StopForward
+
+    def post_hook(_m: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        got.append(output.detach())
+        raise StopForward
+
+    def step(xb: torch.Tensor) -> torch.Tensor:
+        got.clear()
+        try:
+            forward_after(model, name, block(xb))
+        except StopForward:
+            pass
+        if len(got) != 1:
+            raise _NotReached
+        return got[0]
+
+    handle = source.register_forward_hook(post_hook) if from_output else source.register_forward_pre_hook(pre_hook)
+    try:
+        return sharded_map(step, x, batch_size, device, store)
+    except (_NotReached, NotImplementedError):  # NotImplementedError: an adapter without forward_after
+        return None
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()

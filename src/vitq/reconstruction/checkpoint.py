@@ -10,6 +10,7 @@ and the package versions. Resuming with any of them changed is refused with one 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 import json
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,17 @@ def tensor_digest(tensors: dict[str, torch.Tensor] | list[torch.Tensor]) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+# ReconConfig fields added after checkpoints of this format were written, with the default that
+# reproduces the earlier engine exactly: left out of the key at that default, so such a checkpoint
+# still resumes (and a run that sets them differently is another run)
+LATER_FIELDS = {"snapshot_images": None}
+
+
+def recon_settings(cfg: Any) -> dict[str, Any]:
+    """The reconstruction settings as they enter the run key (``asdict`` less later fields at default)."""
+    return {k: v for k, v in asdict(cfg).items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
 def run_key(model: nn.Module, images: torch.Tensor, settings: dict[str, Any]) -> dict[str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from ..quantizers.kernels import compile_status, compiled_kernels
 from ..report import PeakMemory
 from . import checkpoint
 from .block import reconstruct_block
-from .capture import capture_block_input, keep_cache
+from .capture import capture_block_input, keep_cache, step_block_input
 from .config import FISHER_LOSSES, ReconConfig, compiles
 from .extension import BlockExtension
 from .global_loss import penultimate_features
@@ -57,6 +56,41 @@ def _load_on_main(folder: Path, key: dict[str, str], world: int
     return value
 
 
+def _block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], index: int, images: torch.Tensor,
+                  cfg: ReconConfig, device: torch.device, store: torch.device,
+                  previous: tuple[int, torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block ``index``'s input with everything float (x_fp) and with the blocks before it quantized (x_q).
+
+    With the previous block's inputs in hand (``previous``: its index, x_fp, x_q), each is stepped
+    through that block alone; otherwise (the first block of a run or of a resume) the prefix runs in full.
+    """
+    name, block = blocks[index]
+    names = [n for n, _ in blocks]
+    step = previous is not None and previous[0] == index - 1
+    set_mode(model, QuantMode.FLOAT)
+    x_fp = None
+    if step:
+        x_fp = step_block_input(model, *blocks[index - 1], previous[1], name, block, cfg.capture_batch_size,
+                                device, store)
+    if x_fp is None:
+        step = False
+        x_fp = capture_block_input(model, name, block, images, cfg.capture_batch_size, device, store)
+    x_fp = keep_cache(x_fp, cfg.cache_on_disk)
+    for other in names[:index]:
+        if not is_head_block(model, other):
+            for m in block_quant_modules(model.get_submodule(other)):
+                m.mode = QuantMode.QUANT
+    if index == 0:
+        return x_fp, x_fp
+    x_q = None
+    if step:
+        x_q = step_block_input(model, *blocks[index - 1], previous[2], name, block, cfg.capture_batch_size,
+                               device, store)
+    if x_q is None:
+        x_q = capture_block_input(model, name, block, images, cfg.capture_batch_size, device, store)
+    return x_fp, keep_cache(x_q, cfg.cache_on_disk)
+
+
 def block_seed(seed: int, index: int) -> int:
     """The seed of block ``index``: each block's random draws depend only on (seed, index), so a
     resumed run draws exactly what an uninterrupted one does."""
@@ -90,7 +124,8 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
     if folder is not None:
         if restart and distributed.is_main():
             checkpoint.discard(folder)
-        key = checkpoint.run_key(model, images, {"recon": asdict(cfg), "seed": seed, **(run_settings or {})})
+        key = checkpoint.run_key(model, images,
+                                 {"recon": checkpoint.recon_settings(cfg), "seed": seed, **(run_settings or {})})
         saved = _load_on_main(folder, key, world)
         if saved is not None:
             done, state = saved
@@ -108,6 +143,7 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
     finished = {d["block"] for d in done}
     todo = [name for name in names if name not in finished]
     t_start = time.perf_counter()
+    previous: tuple[int, torch.Tensor, torch.Tensor] | None = None
     for k, name in enumerate(todo):
         index = names.index(name)
         block = blocks[index][1]
@@ -120,20 +156,14 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
             torch.manual_seed(block_seed(seed, index))  # QDrop masks inside the quantizers
             gen = torch.Generator().manual_seed(block_seed(seed, index))
             t0 = time.perf_counter()
-            set_mode(model, QuantMode.FLOAT)
-            x_fp = keep_cache(capture_block_input(model, name, block, images, cfg.capture_batch_size, device, store),
-                              cfg.cache_on_disk)
-            for other in names[:index]:
-                if not is_head_block(model, other):
-                    for m in block_quant_modules(model.get_submodule(other)):
-                        m.mode = QuantMode.QUANT
-            x_q = x_fp if index == 0 else keep_cache(
-                capture_block_input(model, name, block, images, cfg.capture_batch_size, device, store), cfg.cache_on_disk)
+            x_fp, x_q = _block_inputs(model, blocks, index, images, cfg, device, store, previous)
+            previous = None
             summary = reconstruct_block(model, name, block, x_fp, x_q, targets, cfg, device, gen, progress,
                                         desc=f"block {index + 1}/{len(blocks)} {name}{eta}", extension=extension,
                                         features=features)
             summary["seconds"] = round(time.perf_counter() - t0, 3)
             summary["kernels"] = compile_status()  # compiled, eager, or eager after a failed compile
+            previous = (index, x_fp, x_q)  # the next block's inputs step on from these
             del x_fp, x_q
         summary.update(mem.summary())
         done.append(summary)

@@ -14,7 +14,7 @@ from .. import distributed
 from ..adapters import forward_after
 from ..losses import fisher_diag_loss, fisher_lowrank_loss, fisher_lr_loss, lowrank_metric, rms_normalised
 from ..quantizers.kernels import keep_where
-from .config import ReconConfig
+from .config import ReconConfig, snapshot_subset
 from .rounding import activation_quantizers
 
 
@@ -113,6 +113,9 @@ def refresh_snapshots(model: nn.Module, name: str, block: nn.Module, x_fp: torch
     else:
         keep = keep_where(x_fp.shape, cfg.drop_prob, gen)
         x_in = torch.where(keep.to(x_fp.device), x_q, x_fp)
+    subset = snapshot_subset(len(x_in), cfg.snapshot_images)
+    if subset is not None:  # every snapshot of the block over the same images
+        x_in, y_fp, targets = x_in[subset], y_fp[subset], targets[subset]
     count = cfg.rank if cfg.snapshot_schedule == "r" else 1
     for _ in range(count):
         perturb = gen if cfg.snapshot_schedule == "r" else None
