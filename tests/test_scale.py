@@ -106,6 +106,10 @@ def test_memory_formula_parts():
     big = reconstruction_memory(model, ReconConfig(optim_size=200, batch_size=8, rank=3, capture_batch_size=16),
                                 image_shape=(3, 32, 32))
     assert big.per_block["blocks.0"]["caches"] == 2 * block["caches"]
+    # snapshots over a subset copy its inputs, float outputs and targets during a refresh
+    sub = reconstruction_memory(model, ReconConfig(optim_size=100, batch_size=8, rank=3, capture_batch_size=16,
+                                                   snapshot_images=20), image_shape=(3, 32, 32))
+    assert sub.per_block["blocks.0"]["rounding"] - block["rounding"] == 20 * (2 * tokens * dim + 10) * BYTES
 
 
 def test_one_measured_footprint_serves_every_setting():

@@ -192,7 +192,7 @@ def estimate_reconstruction(model: nn.Module, images: torch.Tensor, cfg: ReconCo
             if snaps and not is_head_block(model, name):
                 with torch.no_grad():
                     y = block(x)
-                snap = snapshot_floor(model, name, y, cfg.optim_size)
+                snap = snapshot_floor(model, name, y, cfg.snapshot_images or cfg.optim_size)
             est.floors[name] = {"iteration_s": iteration_floor(block, x), "snapshot_s": snap}
         if iter_ratio is None:
             inner = [n for n in est.floors if not is_head_block(model, n)] or list(est.floors)

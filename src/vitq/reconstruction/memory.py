@@ -175,6 +175,9 @@ def reconstruction_memory(model: nn.Module | None, cfg: ReconConfig, image_shape
         snapshot = b.snapshot_bytes_per_sample * cfg.capture_batch_size if fisher else 0
         rounding = 4 * b.weights * BYTES if cfg.adaround else 0
         extra = (3 * cfg.rank * out_el * BYTES if fisher else 0) + (n * out_el * BYTES if cfg.loss == "brecq" else 0)
+        if fisher and cfg.snapshot_images is not None and cfg.snapshot_images < n:
+            # the subset's copies of the block's input, float output and targets during a refresh
+            extra += cfg.snapshot_images * (in_el + out_el + classes) * BYTES
         parts = {"caches": caches, "moment": max(capture, step, snapshot), "rounding": rounding + extra,
                  "capture": capture, "step": step, "snapshot": snapshot}
         est.per_block[b.name] = parts
