@@ -389,7 +389,7 @@ def summarise(results: dict) -> str:
                          ("refinelog", "The new recipe at 500 iterations plus 200 iterations of end-to-end refinement "
                                        "(W3A3; group refinelog)"),
                          ("fast", "The new recipe at 250 iterations with snapshots over 128 images (`sn`) and 32 "
-                                  "calibration candidates per grid (`eq`) (cifar10_vit W3A3; group fast)")):
+                                  "calibration candidates per grid (`eq`) (W3A3; group fast)")):
         lines += _seed_table(title, [c for c in cells([group])], rows)
     lines += ["", "## Compute: the new recipe against fimaq at 2,000 iterations per block (seed 0, W3A3, "
                   "one process per group, one cell after the other)", "",
