@@ -10,9 +10,25 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
-from ..distributed import sharded_map
 from ..adapters import block_input_source, forward_after
+from ..distributed import sharded_map
 from ..capture import StopForward, run_until_stopped
+
+
+def _stop_at_block_input(model: nn.Module, name: str, block: nn.Module, keep: Callable[[torch.Tensor], None]
+                         ) -> torch.utils.hooks.RemovableHandle:
+    """A hook that hands block ``name``'s input to ``keep`` and stops the pass there."""
+    source, from_output = block_input_source(model, name, block)
+
+    def pre_hook(_m: nn.Module, inputs: tuple) -> None:
+        keep(inputs[0].detach())
+        raise StopForward
+
+    def post_hook(_m: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        keep(output.detach())
+        raise StopForward
+
+    return source.register_forward_hook(post_hook) if from_output else source.register_forward_pre_hook(pre_hook)
 
 
 @torch.no_grad()
@@ -22,18 +38,8 @@ def capture_block_input(model: nn.Module, name: str, block: nn.Module, images: t
 
     Distributed, each rank runs its slice of the images and every rank gets all the inputs.
     """
-    source, from_output = block_input_source(model, name, block)
     chunks: list[torch.Tensor] = []
-
-    def pre_hook(_m: nn.Module, inputs: tuple) -> None:
-        chunks.append(inputs[0].detach().to(store))
-        raise StopForward
-
-    def post_hook(_m: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        chunks.append(output.detach().to(store))
-        raise StopForward
-
-    handle = source.register_forward_hook(post_hook) if from_output else source.register_forward_pre_hook(pre_hook)
+    handle = _stop_at_block_input(model, name, block, lambda t: chunks.append(t.to(store)))
     run_until_stopped(model, distributed.local_rows(images), batch_size, device, [handle])
     return distributed.gather_rows(torch.cat(chunks))
 
@@ -54,16 +60,7 @@ def step_block_input(model: nn.Module, name: str, block: nn.Module, x: torch.Ten
     captures of a reconstruction would otherwise grow with the square of the depth). None when the
     rest of the network does not reach the next block's input; the caller captures it in full.
     """
-    source, from_output = block_input_source(model, next_name, next_block)
     got: list[torch.Tensor] = []
-
-    def pre_hook(_m: nn.Module, inputs: tuple) -> None:
-        got.append(inputs[0].detach())
-        raise StopForward
-
-    def post_hook(_m: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        got.append(output.detach())
-        raise StopForward
 
     def step(xb: torch.Tensor) -> torch.Tensor:
         got.clear()
@@ -75,7 +72,7 @@ def step_block_input(model: nn.Module, name: str, block: nn.Module, x: torch.Ten
             raise _NotReached
         return got[0]
 
-    handle = source.register_forward_hook(post_hook) if from_output else source.register_forward_pre_hook(pre_hook)
+    handle = _stop_at_block_input(model, next_name, next_block, got.append)
     try:
         return sharded_map(step, x, batch_size, device, store)
     except (_NotReached, NotImplementedError):  # NotImplementedError: an adapter without forward_after
