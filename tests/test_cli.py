@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vitq.cli import main
+from vitq.errors import VitqError
 from vitq.models import reference_asset_dir
 
 HAS_REFERENCE = (reference_asset_dir() / "model.safetensors").is_file()
@@ -235,3 +236,15 @@ def test_the_compile_switch_reaches_every_stage_the_recipe_has():
             refine.refine.compile_kernels) == ("off", "off", "off")
     default = recipe("--recipe", "fimaq")
     assert default.calibration.compile_kernels == default.reconstruction.compile_kernels == "auto"
+
+
+def test_snapshot_images_flag_reaches_the_reconstruction_and_bad_values_are_one_line():
+    from vitq.cli import build_parser, recipe_from_args
+
+    def recipe(*flags):
+        return recipe_from_args(build_parser().parse_args(["quantize", "--model", "m", "--data", "d", *flags]))
+
+    assert recipe("--recipe", "fimaq-diag+rot+log", "--snapshot-images", "128").reconstruction.snapshot_images == 128
+    assert recipe("--recipe", "fimaq").reconstruction.snapshot_images is None
+    with pytest.raises(VitqError, match="snapshot_images must be between 1 and optim_size"):
+        recipe("--recipe", "fimaq", "--optim-size", "64", "--snapshot-images", "128")

@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RECON_FLAGS = ("iters", "optim_size", "rank", "snapshot_images", "alpha", "lowrank_form", "snapshot_schedule", "renormalize",
-               "temperature", "input_mode", "drop_prob", "weight_lr", "act_lr", "round_lambda", "autocast",
+RECON_FLAGS = ("iters", "optim_size", "rank", "snapshot_images", "alpha", "lowrank_form", "snapshot_schedule",
+               "renormalize", "temperature", "input_mode", "drop_prob", "weight_lr", "act_lr", "round_lambda", "autocast",
                "cache_on_disk", "global_weight", "global_every")
 # --refine-X sets refine field X
 REFINE_FLAGS = ("iters", "optim_size", "rounding", "act_lr", "temperature", "drop_prob", "learn_biases")

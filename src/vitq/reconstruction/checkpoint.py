@@ -10,8 +10,8 @@ and the package versions. Resuming with any of them changed is refused with one 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
