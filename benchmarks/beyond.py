@@ -15,7 +15,11 @@ Groups:
   at 500 without, scored on the held-out images like the tuning rows;
 * ``main``: the chosen recipe (``CHOSEN``) and ``fimaq`` on both models, W3A3 and W4A4, seeds 0-2;
 * ``compute``: ``fimaq`` at 2,000 iterations per block (seed 0, W3A3, both models), whose
-  accuracy and wall time the chosen recipe is measured against in the same run.
+  accuracy and wall time the chosen recipe is measured against in the same run;
+* ``refinelog``: end-to-end refinement on top of the new recipe at 500 iterations (both models);
+* ``fast``: the new recipe at 250 iterations with Fisher snapshots over 128 images (and fewer
+  calibration candidates), both models; ``compute2``: that setting against ``fimaq``-2000 again,
+  in one process.
 
 Cells that differ only in their refinement share the finished block stage (the reconstruction
 checkpoint does not depend on the refinement), and their seconds count the block stage in full.
@@ -23,7 +27,7 @@ Results go to ``beyond.json`` / ``beyond.md`` after every cell; a rerun skips fi
 
 Reproduce:
 
-    python benchmarks/beyond.py --groups tune rotation budget main compute
+    python benchmarks/beyond.py --groups tune rotation budget budget4 lrc logsoftmax logbudget refinelog fast main compute compute2
 """
 
 from __future__ import annotations
@@ -401,7 +405,7 @@ def summarise(results: dict) -> str:
         if r:
             ref = rows.get(cell_key(next(d for d in compute if d["model"] == c["model"] and d["iters"] == 2000
                                          and d["group"] == c["group"])))
-            share = f"{r['seconds'] / ref['seconds']:.2f}" if ref else "-"
+            share = f"{r['seconds'] / ref['seconds']:.3f}" if ref else "-"
             lines.append(f"| {c['group']} | {c['model']} | {cell_key(c)} | {r['test']:.2f} | {r['heldout']:.2f} | "
                          f"{r['seconds']:.0f} | {r['load_at_start']:.2f} | {share} |")
     # cells a note says were stopped on purpose (a seed 0 that lost on the held-out images) are
