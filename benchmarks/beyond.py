@@ -19,7 +19,7 @@ Groups:
 * ``refinelog``: end-to-end refinement on top of the new recipe at 500 iterations (both models);
 * ``fast``: the new recipe at 250 iterations with Fisher snapshots over 128 images (and fewer
   calibration candidates), both models; ``compute2``: that setting against ``fimaq``-2000 again,
-  in one process.
+  in one process; ``compute3``: the same once more, with nothing else running but one benchmark.
 
 Cells that differ only in their refinement share the finished block stage (the reconstruction
 checkpoint does not depend on the refinement), and their seconds count the block stage in full.
@@ -239,6 +239,11 @@ def cells(groups: list[str]) -> list[dict]:
         # fimaq-2000 its own block stage, so its blocks are timed again, not resumed
         out.append(cell("compute2", vit, **FAST, bits=3, seed=0, tag="timed"))
         out.append(cell("compute2", vit, recipe="fimaq", bits=3, seed=0, iters=2000, tag="rerun"))
+    if "compute3" in groups:
+        # compute2 again with nothing else on the machine but one single-threaded benchmark (compute2's
+        # fast cell started beside a test run, load 2.94): own tags, so every block is timed afresh
+        out.append(cell("compute3", vit, **FAST, bits=3, seed=0, tag="timed3"))
+        out.append(cell("compute3", vit, recipe="fimaq", bits=3, seed=0, iters=2000, tag="rerun3"))
     return out
 
 
@@ -399,7 +404,7 @@ def summarise(results: dict) -> str:
                   "one process per group, one cell after the other)", "",
               "| group | model | cell | test | held-out | seconds | load at start | share of fimaq-2000's time |",
               "|---|---|---|---|---|---|---|---|"]
-    compute = cells(["compute", "compute2"])
+    compute = cells(["compute", "compute2", "compute3"])
     for c in compute:
         r = rows.get(cell_key(c))
         if r:
@@ -436,8 +441,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out_json = args.out / "beyond.json"
-    results, groups = open_results(out_json, ("tune", "rotation", "budget", "budget4", "lrc", "logsoftmax",
-                                              "logbudget", "refinelog", "fast", "main", "compute", "compute2"), args.groups)
+    all_groups = ("tune", "rotation", "budget", "budget4", "lrc", "logsoftmax", "logbudget", "refinelog", "fast",
+                  "main", "compute", "compute2", "compute3")
+    results, groups = open_results(out_json, all_groups, args.groups)
     results.update(versions=versions(), command="python benchmarks/beyond.py --groups " + " ".join(groups))
 
     def save() -> None:
