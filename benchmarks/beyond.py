@@ -19,7 +19,9 @@ Groups:
 * ``refinelog``: end-to-end refinement on top of the new recipe at 500 iterations (both models);
 * ``fast``: the new recipe at 250 iterations with Fisher snapshots over 128 images (and fewer
   calibration candidates), both models; ``compute2``: that setting against ``fimaq``-2000 again,
-  in one process; ``compute3``: the same once more, with nothing else running but one benchmark.
+  in one process; ``compute3``: the same once more, with nothing else running but one benchmark;
+  ``compute4``: after the calibration and caching speed-ups, the fast setting before and after
+  ``fimaq``-2000 in one process per model (``--models`` splits the models over two processes).
 
 Cells that differ only in their refinement share the finished block stage (the reconstruction
 checkpoint does not depend on the refinement), and their seconds count the block stage in full.
@@ -27,7 +29,8 @@ Results go to ``beyond.json`` / ``beyond.md`` after every cell; a rerun skips fi
 
 Reproduce:
 
-    python benchmarks/beyond.py --groups tune rotation budget budget4 lrc logsoftmax logbudget refinelog fast main compute compute2
+    python benchmarks/beyond.py --groups tune rotation budget budget4 lrc logsoftmax logbudget refinelog fast main compute compute2 compute3
+    python benchmarks/beyond.py --groups compute4 --models cifar10_vit   # and, beside it, --models cifar10_swin
 """
 
 from __future__ import annotations
@@ -244,6 +247,15 @@ def cells(groups: list[str]) -> list[dict]:
         # fast cell started beside a test run, load 2.94): own tags, so every block is timed afresh
         out.append(cell("compute3", vit, **FAST, bits=3, seed=0, tag="timed3"))
         out.append(cell("compute3", vit, recipe="fimaq", bits=3, seed=0, iters=2000, tag="rerun3"))
+    if "compute4" in groups:
+        # after two speed-ups that change no result (the mse search stops at its fixed point and scores
+        # weight candidates in float32 through the errors, the calibrated parameters are the same bit
+        # for bit; each block's float targets are reused to step the next block's input): the fast
+        # setting before and after fimaq-2000 in one process per model, so the share is bracketed
+        for model in MODELS:
+            out.append(cell("compute4", model, **FAST, bits=3, seed=0, tag="timed4a"))
+            out.append(cell("compute4", model, recipe="fimaq", bits=3, seed=0, iters=2000, tag="rerun4"))
+            out.append(cell("compute4", model, **FAST, bits=3, seed=0, tag="timed4b"))
     return out
 
 
@@ -404,7 +416,7 @@ def summarise(results: dict) -> str:
                   "one process per group, one cell after the other)", "",
               "| group | model | cell | test | held-out | seconds | load at start | share of fimaq-2000's time |",
               "|---|---|---|---|---|---|---|---|"]
-    compute = cells(["compute", "compute2", "compute3"])
+    compute = cells(["compute", "compute2", "compute3", "compute4"])
     for c in compute:
         r = rows.get(cell_key(c))
         if r:
@@ -442,7 +454,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out_json = args.out / "beyond.json"
     all_groups = ("tune", "rotation", "budget", "budget4", "lrc", "logsoftmax", "logbudget", "refinelog", "fast",
-                  "main", "compute", "compute2", "compute3")
+                  "main", "compute", "compute2", "compute3", "compute4")
     results, groups = open_results(out_json, all_groups, args.groups)
     results.update(versions=versions(), command="python benchmarks/beyond.py --groups " + " ".join(groups))
 

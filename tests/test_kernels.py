@@ -313,3 +313,14 @@ def test_input_qdrop_mask_keeps_the_asked_share_from_its_generator():
     with kernels.float_draws():  # the older stream
         old = kernels.keep_where(shape, 0.5, torch.Generator().manual_seed(0))
     assert torch.equal(old, torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.5)
+
+
+def test_broadcasts_into_agrees_with_torch():
+    """The in-place fast path's shape check answers what torch.broadcast_shapes would."""
+    target = torch.Size([4, 3, 5])
+    for shape in [(), (1,), (5,), (3, 1), (3, 5), (4, 1, 1), (4, 3, 5), (1, 4, 3, 5), (2, 1, 1), (3,), (7, 5)]:
+        try:
+            fits = torch.broadcast_shapes(target, shape) == target
+        except RuntimeError:
+            fits = False
+        assert kernels._broadcasts_into(torch.Size(shape), target) == fits, shape

@@ -13,7 +13,7 @@ from ..quantizers import UniformQuantizer
 from .config import CalibConfig
 from ..quantizers.uniform import params_from_range
 from ..quantizers.kernels import reference_active, sq_diff_sum
-from .stats import _quantile, _subsample_rows, fake_quant, init_percentile_search, quant_error, quant_sq_error
+from .stats import _quantile, _subsample_rows, init_percentile_search, quant_error, quant_sq_error
 
 
 def _grid(lo_q: torch.Tensor, hi_q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, eq_n: int
@@ -134,23 +134,30 @@ def search_linear_mse(module: QuantLinear, x: torch.Tensor, cfg: CalibConfig, ge
         aq.set_params(*_best_tensor_self(xs, a_s, a_z, aq.quant_range()[1]))
 
     # 2) coordinate descent on the output MSE. Each step depends only on the other quantizer's
-    # parameters, so a round whose weight step picks what the last one did is a fixed point: the
-    # remaining rounds would repeat it exactly, and are skipped. Without a per-row weight step the
-    # activation step's input never changes: one round is the fixed point.
+    # parameters, so a step that picks what its own last step did is a fixed point: the other
+    # step would then repeat its last one exactly, and so on, so the remaining steps are skipped.
+    # Without a per-row weight step the activation step's input never changes: one round is the
+    # fixed point.
     row_search = wq is not None and wq.granularity == "channel"
     last_rows: torch.Tensor | None = None
+    last_act: int | None = None
     for _ in range(cfg.search_rounds if row_search else min(1, cfg.search_rounds)):
         if row_search:
-            # ||X w - X_hat w_hat||^2 = const - 2 w X^T X_hat w_hat + w_hat X_hat^T X_hat w_hat, per row.
-            # float64: at 8 bits the candidates differ far below float32's resolution of these terms.
-            x_hat = (aq(x2d) if aq is not None else x2d).double()
-            h1 = x_hat.t() @ x_hat
-            wh2 = w2d.double() @ (x2d.double().t() @ x_hat)
+            # Per row, through the errors d = w_hat - w and r = (X - X_hat) w (fixed in this step):
+            # ||X w - X_hat w_hat||^2 = ||r||^2 - 2 r^T X_hat d + d^T X_hat^T X_hat d. The constant
+            # ||r||^2 is dropped and the other terms are of the size of the weight error itself, so
+            # float32 resolves them (the expanded form, const - 2 w X^T X_hat w_hat + w_hat X_hat^T
+            # X_hat w_hat, cancels: it needed float64 at twice the cost). Sums in float64, once.
+            x64 = x2d.double()
+            x_hat = aq(x2d).double() if aq is not None else x64
+            gram = (x_hat.t() @ x_hat).float()
+            cross = (w2d.double() @ ((x64 - x_hat).t() @ x_hat)).float() if aq is not None else None
             qmax = wq.quant_range()[1]
 
             def row_errors(c: int) -> torch.Tensor:
-                w_hat = fake_quant(w2d, w_s[:, c:c + 1], w_z[:, c:c + 1], qmax).double()
-                return ((w_hat @ h1) * w_hat).sum(1) - 2 * (wh2 * w_hat).sum(1)
+                d = quant_error(w2d, w_s[:, c:c + 1], w_z[:, c:c + 1], qmax)
+                err = ((d @ gram) * d).sum(1)
+                return err if cross is None else err - 2 * (cross * d).sum(1)
 
             best = split_candidates(w_s.shape[1], row_errors).argmin(0)
             if last_rows is not None and torch.equal(best, last_rows):
@@ -162,6 +169,9 @@ def search_linear_mse(module: QuantLinear, x: torch.Tensor, cfg: CalibConfig, ge
             w_hat = wq(w).reshape_as(w2d) if wq is not None else w2d
             best = int(_activation_output_errors(xs, w2d, w_hat, a_s, a_z, aq.quant_range()[1]).argmin())
             aq.set_params(a_s[best].reshape(1), a_z[best].reshape(1))
+            if best == last_act:  # the next weight step would repeat the last one
+                break
+            last_act = best
 
 
 def _matmul_candidates(t: torch.Tensor, q: UniformQuantizer, eq_n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,13 +255,24 @@ def search_matmul_mse(module: QuantMatMul, a: torch.Tensor, b: torch.Tensor, cfg
 
     for key in bounds:
         sweep(key, (0, 1))                      # paired candidates first
+    # Then each bound in turn with the others fixed: (operand, 1) fixes the upper bound and searches
+    # the lower, (operand, 0) the other way round. A sweep's choice depends only on the other bounds,
+    # so once every other bound has been swept without moving since a bound's last sweep, that sweep
+    # would repeat itself: a fixed point, and the remaining sweeps are skipped (the same result as
+    # sweeping up to a round that moves nothing, without that round).
+    # (The bound swept just before those must itself have been swept alone, not paired: hence
+    # at least one whole round.)
+    order = [(key, w) for key in bounds for w in (1, 0)]
+    still = done = 0  # sweeps in a row that moved nothing; single sweeps so far
     for _ in range(cfg.search_rounds):
-        changed = False
-        for key in bounds:
-            changed |= sweep(key, (1,))         # fix the upper bound, search the lower
-            changed |= sweep(key, (0,))         # then fix the lower, search the upper
-        if not changed:  # a round that moved nothing is a fixed point: the next would repeat it
-            break
+        for key, w in order:
+            still = 0 if sweep(key, (w,)) else still + 1
+            done += 1
+            if done >= len(order) and still >= len(order) - 1:
+                break
+        else:
+            continue
+        break
 
 
 def _set_bounds(q: UniformQuantizer, up: torch.Tensor, lo: torch.Tensor, idx: list[torch.Tensor]) -> None:

@@ -203,6 +203,17 @@ def _compiling() -> bool:
     return _COMPILE and _COMPILE_FAILED is None
 
 
+def _broadcasts_into(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether ``shape`` broadcasts against ``target`` without enlarging it (an in-place op is safe).
+
+    The same answer as ``torch.broadcast_shapes(target, shape) == target`` (which raises where they
+    do not broadcast at all) for a fraction of its cost: the searches call this tens of thousands of times.
+    """
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
 def fake_quant_values(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int
                       ) -> torch.Tensor:
     """The fake-quantized values only (no gradient): the reference ops, in place on one buffer
@@ -215,7 +226,7 @@ def fake_quant_values(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
             return _fake_quant_plain_fused(x, scale, zero_point, qmin, qmax)
         q = torch.div(x, scale)
         q.round_()
-        if zero_point is not None and torch.broadcast_shapes(q.shape, zero_point.shape) == q.shape:
+        if zero_point is not None and _broadcasts_into(zero_point.shape, q.shape):
             q.add_(zero_point)
             q.clamp_(qmin, qmax)
             q.sub_(zero_point)
@@ -265,7 +276,7 @@ def _fake_quant_parts(x: torch.Tensor, keep: torch.Tensor | None, scale: torch.T
     v = x / scale
     q = torch.round(v)
     if zero_point is not None:
-        q = q.add_(zero_point) if q.shape == torch.broadcast_shapes(q.shape, zero_point.shape) else q + zero_point
+        q = q.add_(zero_point) if _broadcasts_into(zero_point.shape, q.shape) else q + zero_point
     # the gradient passes where the clamp's input is strictly inside (qmin, qmax): what autograd's
     # clamp backward gives in this torch (0 at the bounds), so both paths learn the same way
     inside = ((q > qmin) & (q < qmax)).to(x.dtype)

@@ -25,25 +25,35 @@ from .fisher import FisherState, fisher_terms, per_sample_grads, refresh_snapsho
 from .rounding import activation_quantizers, block_quant_modules, install_learned_rounding
 
 
+def float_block_outputs(model: nn.Module, block: nn.Module, x_fp: torch.Tensor, cfg: ReconConfig,
+                        device: torch.device, store: torch.device) -> torch.Tensor:
+    """The float targets of a block's reconstruction: its outputs over ``x_fp``, everything float."""
+    set_mode(model, QuantMode.FLOAT)
+    return keep_cache(sharded_map(block, x_fp, cfg.capture_batch_size, device, store), cfg.cache_on_disk)
+
+
 def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor,
                       targets: torch.Tensor | None, cfg: ReconConfig, device: torch.device, gen: torch.Generator,
                       progress: bool = True, desc: str = "", extension: BlockExtension | None = None,
                       features: torch.Tensor | None = None,
-                      on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+                      on_step: Callable[[int], None] | None = None,
+                      y_fp: torch.Tensor | None = None) -> dict[str, Any]:
     """Optimise one block (rounding variables and activation-quantizer parameters); returns its summary.
 
     ``features``: the float model's penultimate features of the optimisation images, for the
     global term (``cfg.global_weight`` > 0; not for the head block, whose loss is already global).
     ``on_step(it)`` is called after each optimiser step (the cost model times iterations with it).
+    ``y_fp``: the block's float outputs over ``x_fp`` (:func:`float_block_outputs`) when the caller
+    has them already; computed here otherwise.
 
     On return the block's weight quantizers hold their final (hard) learned rounding and every
     quantizer of the block is frozen in eval mode.
     """
     is_head = is_head_block(model, name)
     store = x_fp.device
-    # ---- float targets of this block (everything float)
+    if y_fp is None:
+        y_fp = float_block_outputs(model, block, x_fp, cfg, device, store)
     set_mode(model, QuantMode.FLOAT)
-    y_fp = keep_cache(sharded_map(block, x_fp, cfg.capture_batch_size, device, store), cfg.cache_on_disk)
     amp = cfg.autocast_context(device)
     fisher = (cfg.loss in FISHER_LOSSES) and not is_head
     use_global = cfg.global_weight > 0 and not is_head

@@ -50,8 +50,8 @@ class _NotReached(Exception):
 
 @torch.no_grad()
 def step_block_input(model: nn.Module, name: str, block: nn.Module, x: torch.Tensor, next_name: str,
-                     next_block: nn.Module, batch_size: int, device: torch.device, store: torch.device
-                     ) -> torch.Tensor | None:
+                     next_block: nn.Module, batch_size: int, device: torch.device, store: torch.device,
+                     from_output: bool = False) -> torch.Tensor | None:
     """The input of block ``next_name`` from the input ``x`` of the block ``name`` just before it.
 
     Runs that block and what follows it (the adapter's ``forward_after``) up to the next block's
@@ -59,13 +59,15 @@ def step_block_input(model: nn.Module, name: str, block: nn.Module, x: torch.Ten
     running the whole prefix again, for the cost of one block instead of all those before it (the
     captures of a reconstruction would otherwise grow with the square of the depth). None when the
     rest of the network does not reach the next block's input; the caller captures it in full.
+    With ``from_output``, ``x`` is the block's output in these modes instead (the float targets
+    its reconstruction computed, batched the same way): then only what follows the block runs.
     """
     got: list[torch.Tensor] = []
 
     def step(xb: torch.Tensor) -> torch.Tensor:
         got.clear()
         try:
-            forward_after(model, name, block(xb))
+            forward_after(model, name, xb if from_output else block(xb))
         except StopForward:
             pass
         if len(got) != 1:

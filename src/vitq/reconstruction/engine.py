@@ -18,7 +18,7 @@ from ..qmodules import QuantMode, set_mode
 from ..quantizers.kernels import compile_status, compiled_kernels
 from ..report import PeakMemory
 from . import checkpoint
-from .block import reconstruct_block
+from .block import float_block_outputs, reconstruct_block
 from .capture import capture_block_input, keep_cache, step_block_input
 from .config import FISHER_LOSSES, ReconConfig, compiles
 from .extension import BlockExtension
@@ -58,11 +58,13 @@ def _load_on_main(folder: Path, key: dict[str, str], world: int
 
 def _block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], index: int, images: torch.Tensor,
                   cfg: ReconConfig, device: torch.device, store: torch.device,
-                  previous: tuple[int, torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  previous: list | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Block ``index``'s input with everything float (x_fp) and with the blocks before it quantized (x_q).
 
-    With the previous block's inputs in hand (``previous``: its index, x_fp, x_q), each is stepped
-    through that block alone; otherwise (the first block of a run or of a resume) the prefix runs in full.
+    With the previous block's caches in hand (``previous``: ``[index, x_q, float outputs]``), each
+    input is stepped on from that block: x_fp from its float outputs (its targets, computed
+    already), x_q through the quantized block; otherwise (the first block of a run or of a resume)
+    the prefix runs in full. The previous outputs are dropped from ``previous`` once used.
     """
     name, block = blocks[index]
     names = [n for n, _ in blocks]
@@ -70,8 +72,9 @@ def _block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], index: 
     set_mode(model, QuantMode.FLOAT)
     x_fp = None
     if step:
-        x_fp = step_block_input(model, *blocks[index - 1], previous[1], name, block, cfg.capture_batch_size,
-                                device, store)
+        x_fp = step_block_input(model, *blocks[index - 1], previous[2], name, block, cfg.capture_batch_size,
+                                device, store, from_output=True)
+        previous[2] = None  # not needed any more: one cache fewer while x_q is stepped
     if x_fp is None:
         step = False
         x_fp = capture_block_input(model, name, block, images, cfg.capture_batch_size, device, store)
@@ -84,7 +87,7 @@ def _block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], index: 
         return x_fp, x_fp
     x_q = None
     if step:
-        x_q = step_block_input(model, *blocks[index - 1], previous[2], name, block, cfg.capture_batch_size,
+        x_q = step_block_input(model, *blocks[index - 1], previous[1], name, block, cfg.capture_batch_size,
                                device, store)
     if x_q is None:
         x_q = capture_block_input(model, name, block, images, cfg.capture_batch_size, device, store)
@@ -143,7 +146,7 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
     finished = {d["block"] for d in done}
     todo = [name for name in names if name not in finished]
     t_start = time.perf_counter()
-    previous: tuple[int, torch.Tensor, torch.Tensor] | None = None
+    previous: list | None = None
     for k, name in enumerate(todo):
         index = names.index(name)
         block = blocks[index][1]
@@ -158,13 +161,14 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
             t0 = time.perf_counter()
             x_fp, x_q = _block_inputs(model, blocks, index, images, cfg, device, store, previous)
             previous = None
+            y_fp = float_block_outputs(model, block, x_fp, cfg, device, store)
             summary = reconstruct_block(model, name, block, x_fp, x_q, targets, cfg, device, gen, progress,
                                         desc=f"block {index + 1}/{len(blocks)} {name}{eta}", extension=extension,
-                                        features=features)
+                                        features=features, y_fp=y_fp)
             summary["seconds"] = round(time.perf_counter() - t0, 3)
             summary["kernels"] = compile_status()  # compiled, eager, or eager after a failed compile
-            previous = (index, x_fp, x_q)  # the next block's inputs step on from these
-            del x_fp, x_q
+            previous = [index, x_q, y_fp]  # the next block's inputs step on from these
+            del x_fp, x_q, y_fp
         summary.update(mem.summary())
         done.append(summary)
         if folder is not None and distributed.is_main():
