@@ -204,3 +204,44 @@ def test_compiled_mse_search_picks_what_the_eager_one_picks(images):
     assert not CalibConfig(method="repq").compiles(512) and not CalibConfig(compile_kernels="off").compiles(512)
     with pytest.raises(VitqError, match="compile_kernels must be one of"):
         CalibConfig(compile_kernels="yes")
+
+
+
+def test_linear_mse_search_ends_where_neither_quantizer_can_improve_alone(monkeypatch):
+    """The coordinate descent stops once a step repeats its own last choice: there the weight rows
+    are the best candidates for the chosen input grid and the input grid the best for the chosen
+    weights, each checked here against every candidate on the layer-output error. The data is
+    such that the descent takes two rounds, so a search that stopped a step early would show."""
+    from vitq.calibration import mse_search
+    from vitq.calibration.config import CalibConfig
+    from vitq.qmodules import QuantLinear
+    from vitq.quantizers import UniformQuantizer
+
+    bits, qmax = 4, 15
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(24, 32)
+    with torch.no_grad():
+        lin.weight.normal_(generator=g)
+    x = torch.randn(300, 24, generator=g) * torch.linspace(0.2, 3.0, 24)  # channels of different ranges
+    x[:, 3] += 4.0  # a skewed channel
+    x[::17, 5] *= 8  # and a few outliers
+    steps = []
+    real = mse_search._activation_output_errors
+    monkeypatch.setattr(mse_search, "_activation_output_errors", lambda *a: steps.append(1) or real(*a))
+    ql = QuantLinear.from_float(lin, UniformQuantizer(bits, granularity="channel", axis=0), UniformQuantizer(bits))
+    cfg = CalibConfig(eq_n=32, search_rounds=50, max_search_tokens=None)
+    mse_search.search_linear_mse(ql, x, cfg, torch.Generator().manual_seed(1))
+    assert len(steps) == 2  # activation steps: the second repeats the first, which ends the search
+    ql.eval()
+    with torch.no_grad():
+        w = lin.weight.detach()
+        w_hat, x_hat, ref = ql.w_quantizer(w), ql.a_quantizer(x), x @ w.t()
+        chosen = (ref - x_hat @ w_hat.t()).pow(2)
+        a_s, a_z = mse_search._tensor_candidates(x, bits, cfg.eq_n)
+        act = torch.stack([(ref - fake_quant(x, a_s[c], a_z[c], qmax) @ w_hat.t()).pow(2).sum()
+                           for c in range(len(a_s))])
+        assert chosen.sum() <= act.min() * (1 + 1e-5)
+        w_s, w_z = mse_search._row_candidates(w, bits, cfg.eq_n)
+        rows = torch.stack([(ref - x_hat @ fake_quant(w, w_s[:, c:c + 1], w_z[:, c:c + 1], qmax).t()).pow(2).sum(0)
+                            for c in range(w_s.shape[1])])  # (candidates, rows)
+        assert torch.all(chosen.sum(0) <= rows.min(0).values * (1 + 1e-5))
