@@ -21,7 +21,8 @@ Groups:
   calibration candidates), both models; ``compute2``: that setting against ``fimaq``-2000 again,
   in one process; ``compute3``: the same once more, with nothing else running but one benchmark;
   ``compute4``: after the calibration and caching speed-ups, the fast setting before and after
-  ``fimaq``-2000 in one process per model (``--models`` splits the models over two processes).
+  ``fimaq``-2000 in one process per model (``--models`` splits the models over two processes);
+  ``compute5``: compute4 again with nothing else started on the machine.
 
 Cells that differ only in their refinement share the finished block stage (the reconstruction
 checkpoint does not depend on the refinement), and their seconds count the block stage in full.
@@ -31,6 +32,7 @@ Reproduce:
 
     python benchmarks/beyond.py --groups tune rotation budget budget4 lrc logsoftmax logbudget refinelog fast main compute compute2 compute3
     python benchmarks/beyond.py --groups compute4 --models cifar10_vit   # and, beside it, --models cifar10_swin
+    python benchmarks/beyond.py --groups compute5 --models cifar10_vit   # the same
 """
 
 from __future__ import annotations
@@ -256,6 +258,13 @@ def cells(groups: list[str]) -> list[dict]:
             out.append(cell("compute4", model, **FAST, bits=3, seed=0, tag="timed4a"))
             out.append(cell("compute4", model, recipe="fimaq", bits=3, seed=0, iters=2000, tag="rerun4"))
             out.append(cell("compute4", model, **FAST, bits=3, seed=0, tag="timed4b"))
+    if "compute5" in groups:
+        # compute4 again, nothing else started on the machine meanwhile (compute4's first fast cell on
+        # cifar10_vit calibrated while a test run shared the machine: 77 s of calibration against 51 s after)
+        for model in MODELS:
+            out.append(cell("compute5", model, **FAST, bits=3, seed=0, tag="timed5a"))
+            out.append(cell("compute5", model, recipe="fimaq", bits=3, seed=0, iters=2000, tag="rerun5"))
+            out.append(cell("compute5", model, **FAST, bits=3, seed=0, tag="timed5b"))
     return out
 
 
@@ -320,6 +329,9 @@ def run_cell(c: dict, fp_model, loaders: dict, work: Path, fp_logits: dict) -> d
     out = {**c, "seconds": round(seconds, 1), "load_at_start": round(load, 2),
            "peak_mem_mb": max(s["peak_mem_mb"] for s in stages.values()),
            "recon_seconds": round(sum(b["seconds"] for b in blocks), 1),
+           # every stage's wall time (with the one-off float targets of the block stage, which the
+           # per-block seconds leave out): the same as ``seconds`` up to that unless blocks were resumed
+           "stage_seconds": round(sum(s["seconds"] for s in stages.values()), 1),
            "refine_seconds": stages.get("refinement", {}).get("seconds")}
     if result.refinement:
         out["refine_flips"] = result.refinement["rounding_flips"]
@@ -416,7 +428,7 @@ def summarise(results: dict) -> str:
                   "one process per group, one cell after the other)", "",
               "| group | model | cell | test | held-out | seconds | load at start | share of fimaq-2000's time |",
               "|---|---|---|---|---|---|---|---|"]
-    compute = cells(["compute", "compute2", "compute3", "compute4"])
+    compute = cells(["compute", "compute2", "compute3", "compute4", "compute5"])
     for c in compute:
         r = rows.get(cell_key(c))
         if r:
@@ -454,7 +466,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out_json = args.out / "beyond.json"
     all_groups = ("tune", "rotation", "budget", "budget4", "lrc", "logsoftmax", "logbudget", "refinelog", "fast",
-                  "main", "compute", "compute2", "compute3", "compute4")
+                  "main", "compute", "compute2", "compute3", "compute4", "compute5")
     results, groups = open_results(out_json, all_groups, args.groups)
     results.update(versions=versions(), command="python benchmarks/beyond.py --groups " + " ".join(groups))
 

@@ -25,7 +25,7 @@ def open_results(path: Path, all_groups: Sequence[str], requested: Sequence[str]
 
 
 def save_results(path: Path, results: dict, md_path: Path, summarise: Callable[[dict], str]) -> None:
-    """Write the JSON and its markdown table atomically, keeping cells and notes another sweep wrote
+    """Write the JSON and its markdown table atomically, keeping cells, groups and notes another sweep wrote
     meanwhile (but not the keys this sweep retired on purpose, listed in ``results["retired_keys"]``).
     A note edited since this sweep started is kept in both versions: edit notes when no sweep runs."""
     retired = set(results.get("retired_keys", ()))
@@ -34,6 +34,9 @@ def save_results(path: Path, results: dict, md_path: Path, summarise: Callable[[
         for key, cell in on_disk["cells"].items():
             if key not in retired:
                 results["cells"].setdefault(key, cell)
+        # groups another sweep added meanwhile stay recorded (after this sweep's own)
+        if "groups" in results:
+            results["groups"] += [g for g in on_disk.get("groups", []) if g not in results["groups"]]
         # notes added meanwhile (by hand or by another sweep) stay, after this sweep's own
         added = [n for n in on_disk.get("notes", []) if n not in results.get("notes", [])]
         if added:
