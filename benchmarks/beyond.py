@@ -34,6 +34,7 @@ Reproduce:
     python benchmarks/beyond.py --groups tune rotation budget budget4 lrc logsoftmax logbudget refinelog fast main compute compute2 compute3
     python benchmarks/beyond.py --groups compute4 --models cifar10_vit   # and, beside it, --models cifar10_swin
     python benchmarks/beyond.py --groups compute5 --models cifar10_vit   # the same
+    python benchmarks/beyond.py --groups swinbudget --seeds 0            # and, beside it, --seeds 1
 """
 
 from __future__ import annotations

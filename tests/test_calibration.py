@@ -206,7 +206,6 @@ def test_compiled_mse_search_picks_what_the_eager_one_picks(images):
         CalibConfig(compile_kernels="yes")
 
 
-
 def test_linear_mse_search_ends_where_neither_quantizer_can_improve_alone(monkeypatch):
     """The coordinate descent stops once a step repeats its own last choice: there the weight rows
     are the best candidates for the chosen input grid and the input grid the best for the chosen

@@ -263,16 +263,11 @@ def search_matmul_mse(module: QuantMatMul, a: torch.Tensor, b: torch.Tensor, cfg
     # (The bound swept just before those must itself have been swept alone, not paired: hence
     # at least one whole round.)
     order = [(key, w) for key in bounds for w in (1, 0)]
-    still = done = 0  # sweeps in a row that moved nothing; single sweeps so far
-    for _ in range(cfg.search_rounds):
-        for key, w in order:
-            still = 0 if sweep(key, (w,)) else still + 1
-            done += 1
-            if done >= len(order) and still >= len(order) - 1:
-                break
-        else:
-            continue
-        break
+    still = 0  # sweeps in a row that moved nothing
+    for done, (key, w) in enumerate(order * cfg.search_rounds, start=1):
+        still = 0 if sweep(key, (w,)) else still + 1
+        if done >= len(order) and still >= len(order) - 1:
+            break
 
 
 def _set_bounds(q: UniformQuantizer, up: torch.Tensor, lo: torch.Tensor, idx: list[torch.Tensor]) -> None:
