@@ -246,5 +246,7 @@ def test_snapshot_images_flag_reaches_the_reconstruction_and_bad_values_are_one_
 
     assert recipe("--recipe", "fimaq-diag+rot+log", "--snapshot-images", "128").reconstruction.snapshot_images == 128
     assert recipe("--recipe", "fimaq").reconstruction.snapshot_images is None
+    assert recipe("--recipe", "fimaq", "--first-block-iters", "900").reconstruction.first_block_iters == 900
+    assert recipe("--recipe", "fimaq").reconstruction.first_block_iters is None
     with pytest.raises(VitqError, match="snapshot_images must be between 1 and optim_size"):
         recipe("--recipe", "fimaq", "--optim-size", "64", "--snapshot-images", "128")

@@ -84,6 +84,25 @@ def test_reconstruction_improves_on_calibration(data):
     assert history["iteration"] == list(range(0, 150, 10)) + [149] and len(history["rec"]) == 16
 
 
+def test_first_block_iters_gives_only_the_first_transformer_block_its_own_budget(data):
+    from vitq.reconstruction import checkpoint
+
+    result = vitq.quantize_with_summary(tiny_model(), data, "fimaq", **quick(iters=20, first_block_iters=50))
+    blocks = result.reconstruction["blocks"]
+    assert [b["block"] for b in blocks] == ["patch_embed", "blocks.0", "blocks.1", "head"]
+    assert [b["history"]["iteration"][-1] for b in blocks] == [19, 49, 19, 19]
+    assert [b["snapshots"] for b in blocks] == [3, 3, 3, 0]  # k snapshots whatever the budget
+    # the same budget as every other block is the same run as the default, bit for bit
+    same = vitq.quantize(tiny_model(), data, "fimaq", **quick(iters=20, first_block_iters=20))
+    default = vitq.quantize(tiny_model(), data, "fimaq", **quick(iters=20))
+    assert torch.equal(same(data), default(data)) and not torch.equal(result.model(data), default(data))
+    # old checkpoints keep their key; a set value enters it; nonsense is one line
+    assert "first_block_iters" not in checkpoint.recon_settings(ReconConfig())
+    assert checkpoint.recon_settings(ReconConfig(first_block_iters=7))["first_block_iters"] == 7
+    with pytest.raises(vitq.VitqError, match="first_block_iters must be positive"):
+        ReconConfig(first_block_iters=0)
+
+
 @pytest.mark.parametrize("recipe", ["qdrop", "brecq", "fimaq-diag", "fimaq-lowrank", "fimaq-dplr-lowrank", "fimaq"])
 def test_every_reconstruction_recipe_runs_and_stays_finite(recipe, data):
     result = vitq.quantize_with_summary(tiny_model(), data, recipe, **QUICK)

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lowrank-form", choices=("gram_inverse", "identity", "paper_rms", "secant"), default=None,
                    help="low-rank FIM middle matrix: (DDᵀ)⁻¹ (gram_inverse, the official code), I (identity), I on "
                         "RMS-normalised snapshots (paper_rms, the paper-era code), (GDᵀ)⁻¹ (secant)")
+    g.add_argument("--first-block-iters", type=_positive_int, default=None,
+                   help="iterations of the first transformer block (default: --iters)")
     g.add_argument("--snapshot-images", type=_positive_int, default=None,
                    help="images each Fisher snapshot averages over, a fixed strided subset (default: all)")
     g.add_argument("--snapshot-schedule", choices=("q", "qf", "r"), default=None,
@@ -206,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RECON_FLAGS = ("iters", "optim_size", "rank", "snapshot_images", "alpha", "lowrank_form", "snapshot_schedule",
+RECON_FLAGS = ("iters", "first_block_iters", "optim_size", "rank", "snapshot_images", "alpha", "lowrank_form", "snapshot_schedule",
                "renormalize", "temperature", "input_mode", "drop_prob", "weight_lr", "act_lr", "round_lambda", "autocast",
                "cache_on_disk", "global_weight", "global_every")
 # --refine-X sets refine field X

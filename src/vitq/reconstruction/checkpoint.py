@@ -40,7 +40,7 @@ def tensor_digest(tensors: dict[str, torch.Tensor] | list[torch.Tensor]) -> str:
 # ReconConfig fields added after checkpoints of this format were written, with the default that
 # reproduces the earlier engine exactly: left out of the key at that default, so such a checkpoint
 # still resumes (and a run that sets them differently is another run)
-LATER_FIELDS = {"snapshot_images": None}
+LATER_FIELDS = {"snapshot_images": None, "first_block_iters": None}
 
 
 def recon_settings(cfg: Any) -> dict[str, Any]:

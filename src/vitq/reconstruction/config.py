@@ -40,6 +40,11 @@ class ReconConfig:
 
     loss: str = "fimaq_dplr"
     iters: int = 20000                # iterations per block
+    # iterations of the first transformer block (the block after the patch embedding, which every
+    # adapter lists first), None: ``iters``. On both proving-ground models that block's own output
+    # error is the largest share of the final KL and the one that falls most with more iterations
+    # (benchmarks/beyond.md, group firstblock), so a budget can go there first.
+    first_block_iters: int | None = None
     batch_size: int = 32
     optim_size: int = 1024            # optimisation images
     input_mode: str = "qdrop"         # qdrop | rinp (float input) | qinp (quantized-prefix input)
@@ -104,6 +109,8 @@ class ReconConfig:
             raise VitqError(f"global_weight must be a finite number >= 0, got {self.global_weight}")
         if self.rank < 1:
             raise VitqError(f"rank must be >= 1, got {self.rank}")
+        if self.first_block_iters is not None and self.first_block_iters <= 0:
+            raise VitqError(f"first_block_iters must be positive or None (= iters), got {self.first_block_iters}")
         if self.snapshot_images is not None and not 1 <= self.snapshot_images <= self.optim_size:
             raise VitqError(f"snapshot_images must be between 1 and optim_size ({self.optim_size}), "
                             f"got {self.snapshot_images}")
@@ -111,6 +118,10 @@ class ReconConfig:
             raise VitqError(f"drop_prob must be in [0, 1], got {self.drop_prob}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise VitqError(f"alpha must be in [0, 1], got {self.alpha}")
+
+    def iters_for(self, index: int) -> int:
+        """Iterations of the block at ``index`` in the reconstruction order (0: the patch embedding)."""
+        return self.first_block_iters if index == 1 and self.first_block_iters is not None else self.iters
 
     @property
     def weights(self) -> tuple[float, float]:

@@ -201,8 +201,8 @@ def estimate_reconstruction(model: nn.Module, images: torch.Tensor, cfg: ReconCo
                                                       snaps > 0 and not is_head_block(model, est.ratio_block))
             snap_ratio = measured_snap if measured_snap is not None else snap_ratio
         est.iter_ratio, est.snap_ratio = iter_ratio, snap_ratio
-        for name, f in est.floors.items():
-            est.per_block[name] = cfg.iters * iter_ratio * f["iteration_s"] + snaps * snap_ratio * f["snapshot_s"]
+        for index, (name, f) in enumerate(est.floors.items()):
+            est.per_block[name] = cfg.iters_for(index) * iter_ratio * f["iteration_s"] + snaps * snap_ratio * f["snapshot_s"]
             est.seconds += est.per_block[name]
     finally:
         set_mode(model, QuantMode.FLOAT)
