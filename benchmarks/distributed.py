@@ -207,6 +207,8 @@ def summarise(r: dict) -> str:
         lines.append(f"| {name} | {row['wall_s']:.0f} | {st.get('quantize.calibration', 0):.0f} | "
                      f"{st.get('quantize.reconstruction', 0):.0f} | {st.get('eval_quant', 0):.0f} | {up} | {up2} | "
                      f"{mem} | {row['top1']:.2f} |")
+    if r.get("layouts_machine"):
+        lines += ["", f"Machine of the layout rows: {r['layouts_machine']}"]
     lines += ["", "Commands:", ""] + [f"    {row['command']}" for row in rows.values()]
     mem = r.get("memory")
     if mem:
@@ -264,6 +266,7 @@ def main() -> None:
     r.update(command="python benchmarks/distributed.py", versions=versions())
     for layout in args.layouts:
         r.setdefault("layouts", {})[layout] = run_layout(layout, args.work)
+        r["layouts_machine"] = machine()  # the CPU the layout rows ran on (the speed-ups depend on it)
         r["layouts"] = {k: r["layouts"][k] for k in LAYOUTS if k in r["layouts"]}
         atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
         atomic_write_bytes(HERE / "distributed.md", lambda fh: fh.write(summarise(r).encode()))
