@@ -42,8 +42,8 @@ class ReconConfig:
     iters: int = 20000                # iterations per block
     # iterations of the first transformer block (the block after the patch embedding, which every
     # adapter lists first), None: ``iters``. On both proving-ground models that block's own output
-    # error is the largest share of the final KL and the one that falls most with more iterations
-    # (benchmarks/beyond.md, group firstblock), so a budget can go there first.
+    # error falls most with more iterations, yet giving it 4x did not improve the final model
+    # (benchmarks/beyond.md, group firstblock): a switch for budget experiments, off by default.
     first_block_iters: int | None = None
     batch_size: int = 32
     optim_size: int = 1024            # optimisation images
