@@ -18,10 +18,8 @@ Reproduce (two processes; predictions cached in --work, a stopped run resumes):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +29,6 @@ import vitq  # noqa: E402
 from vitq.data import atomic_write_bytes  # noqa: E402
 from vitq.report import machine, versions  # noqa: E402
 import calib_heldout as heldout  # noqa: E402  (benchmarks/, the script's own folder)
-from calib_agreement import predict  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SEED = 0
@@ -43,21 +40,7 @@ def cell_path(work: Path, bits: int, eq_n: int) -> Path:
 
 
 def run_cell(fp: torch.nn.Module, loads: dict, bits: int, eq_n: int, work: Path) -> None:
-    path = cell_path(work, bits, eq_n)
-    if path.is_file():
-        return
-    calib = vitq.calibration_images(fp, "cifar10", heldout.CALIB, seed=SEED)
-    model = copy.deepcopy(fp)
-    t0 = time.perf_counter()
-    vitq.quantize(model, calib, "mse", w_bits=bits, a_bits=bits, seed=SEED, calib_size=heldout.CALIB, device="cpu",
-                  progress=False, calibration={"eq_n": eq_n})
-    out = {"seconds": time.perf_counter() - t0}
-    for split, loader in loads.items():
-        out[split] = predict(model, loader)
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, lambda fh: torch.save(out, fh))
-    print(f"W{bits}A{bits} eq_n {eq_n}: test {100 * (out['test'][0] == out['test'][1]).float().mean():.2f} "
-          f"({out['seconds']:.0f} s calibration)", flush=True)
+    heldout.run_cell(fp, loads, bits, SEED, work, calibration={"eq_n": eq_n}, path=cell_path(work, bits, eq_n))
 
 
 def summarise(work: Path, out: Path) -> None:

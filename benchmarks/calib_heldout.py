@@ -95,28 +95,29 @@ def setting_label(key: str) -> str:
 
 
 def run_cell(fp: torch.nn.Module, loads: dict, bits: int, seed: int, work: Path, size: int = CALIB,
-             rotation: str = "none") -> None:
-    """Calibrate `mse` at W{bits}A{bits} on seed's subset of ``size`` images and cache the predictions.
+             rotation: str = "none", calibration: dict | None = None, path: Path | None = None) -> None:
+    """Calibrate `mse` at W{bits}A{bits} on seed's subset of ``size`` images and cache the predictions
+    (in ``path``, by default this benchmark's cell file; ``calibration``: CalibConfig overrides).
 
     ``vitq.calibration_images`` draws the first ``size`` of one seeded permutation, so seed s's
     128 images lie inside its 512.
     """
-    path = cell_path(work, bits, seed, size, rotation)
+    path = path or cell_path(work, bits, seed, size, rotation)
     if path.is_file():
         return
     calib = vitq.calibration_images(fp, "cifar10", size, seed=seed)
     model = copy.deepcopy(fp)
     t0 = time.perf_counter()
     vitq.quantize(model, calib, "mse", w_bits=bits, a_bits=bits, seed=seed, calib_size=size, device="cpu",
-                  progress=False, rotation=rotation)
+                  progress=False, rotation=rotation, **({"calibration": calibration} if calibration else {}))
     seconds = time.perf_counter() - t0
     out = {"seconds": seconds}
     for split, loader in loads.items():
         out[split] = predict(model, loader)
-    work.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, lambda fh: torch.save(out, fh))
-    print(f"W{bits}A{bits} seed {seed} ({size} images, rotation {rotation}): test {100 * (out['test'][0] == out['test'][1]).float().mean():.2f} "
-          f"({seconds:.0f} s calibration)", flush=True)
+    print(f"W{bits}A{bits} seed {seed} ({size} images, rotation {rotation}, {calibration or 'default'}): test "
+          f"{100 * (out['test'][0] == out['test'][1]).float().mean():.2f} ({seconds:.0f} s calibration)", flush=True)
 
 
 def spread_stats(preds: list[torch.Tensor], labels: torch.Tensor) -> dict:
