@@ -23,7 +23,10 @@ Groups:
   ``compute4``: after the calibration and caching speed-ups, the fast setting before and after
   ``fimaq``-2000 in one process per model (``--models`` splits the models over two processes);
   ``compute5``: compute4 again with nothing else started on the machine;
-* ``swinbudget``: the fast setting at 1,000 iterations per block on ``cifar10_swin``.
+* ``swinbudget``: the fast setting at 1,000 iterations per block on ``cifar10_swin``;
+  ``swinrefine``: end-to-end refinement on top of those block stages; ``firstblock``: the fast setting
+  with 1,000 iterations for the first transformer block only (both models); ``swinglobal``: the fast
+  setting with the global term on ``cifar10_swin``.
 
 Cells that differ only in their refinement share the finished block stage (the reconstruction
 checkpoint does not depend on the refinement), and their seconds count the block stage in full.
@@ -35,6 +38,10 @@ Reproduce:
     python benchmarks/beyond.py --groups compute4 --models cifar10_vit   # and, beside it, --models cifar10_swin
     python benchmarks/beyond.py --groups compute5 --models cifar10_vit   # the same
     python benchmarks/beyond.py --groups swinbudget --seeds 0            # and, beside it, --seeds 1
+    python benchmarks/beyond.py --groups swinrefine --seeds 0
+    python benchmarks/beyond.py --groups firstblock --models cifar10_swin --seeds 0   # then --seeds 1
+    python benchmarks/beyond.py --groups firstblock --models cifar10_vit --seeds 0
+    python benchmarks/beyond.py --groups swinglobal
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def run_cell(fp: torch.nn.Module, loads: dict, bits: int, seed: int, work: Path,
     model = copy.deepcopy(fp)
     t0 = time.perf_counter()
     vitq.quantize(model, calib, "mse", w_bits=bits, a_bits=bits, seed=seed, calib_size=size, device="cpu",
-                  progress=False, rotation=rotation, **({"calibration": calibration} if calibration else {}))
+                  progress=False, rotation=rotation, calibration=calibration)  # None: the recipe's own
     seconds = time.perf_counter() - t0
     out = {"seconds": seconds}
     for split, loader in loads.items():
