@@ -13,6 +13,12 @@ Reproduce (two processes; predictions cached in --work, a stopped run resumes):
     python benchmarks/calib_grid.py --bits 4 --eq-n 128 112 & python benchmarks/calib_grid.py --bits 4 --eq-n 144 120; wait
     python benchmarks/calib_grid.py --bits 3 --eq-n 128 112 & python benchmarks/calib_grid.py --bits 3 --eq-n 144 120; wait
     python benchmarks/calib_grid.py --summarise
+
+The same W4A4 cells with the search's finer second grid around each winner (``--refine r16``:
+``refine_n=16, refine_span=1``; ``--refine r32s2``: 32 fine scales over 2 coarse scales either side):
+
+    python benchmarks/calib_grid.py --bits 4 --refine r32s2 --eq-n 128 112 & \
+        python benchmarks/calib_grid.py --bits 4 --refine r32s2 --eq-n 144 120; wait
 """
 
 from __future__ import annotations
@@ -35,12 +41,16 @@ SEED = 0
 GRIDS = (112, 120, 128, 144)
 
 
-def cell_path(work: Path, bits: int, eq_n: int) -> Path:
-    return work / f"w{bits}-eq{eq_n}.pt"
+REFINES = heldout.REFINES
 
 
-def run_cell(fp: torch.nn.Module, loads: dict, bits: int, eq_n: int, work: Path) -> None:
-    heldout.run_cell(fp, loads, bits, SEED, work, calibration={"eq_n": eq_n}, path=cell_path(work, bits, eq_n))
+def cell_path(work: Path, bits: int, eq_n: int, refine: str = "off") -> Path:
+    return work / (f"w{bits}-eq{eq_n}" + ("" if refine == "off" else f"-{refine}") + ".pt")
+
+
+def run_cell(fp: torch.nn.Module, loads: dict, bits: int, eq_n: int, work: Path, refine: str = "off") -> None:
+    heldout.run_cell(fp, loads, bits, SEED, work, calibration={"eq_n": eq_n, **REFINES[refine]},
+                     path=cell_path(work, bits, eq_n, refine))
 
 
 def summarise(work: Path, out: Path) -> None:
@@ -56,22 +66,22 @@ def summarise(work: Path, out: Path) -> None:
              "there: observed max - min, the noise-only spread of that many models, and the spread of the models' "
              "expected top-1 with the evaluation noise taken out (scaled to 5 models, as there). The last column "
              "repeats `calib_heldout.md`'s 5 calibration subsets (default grid) on the same images.", "",
-             "| bits | eq_n | top-1 on all | mean | observed spread | noise spread | true sd | expected true spread of 5 "
-             "| subsets instead (calib_heldout.md): true sd / spread of 5 |", "|---|---|---|---|---|---|---|---|---|"]
-    for bits in (4, 3):
-        grids = [g for g in GRIDS if cell_path(work, bits, g).is_file()]
+             "| bits | refine | eq_n | top-1 on all | mean | observed spread | noise spread | true sd | expected true spread of 5 "
+             "| subsets instead (calib_heldout.md): true sd / spread of 5 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for bits, refine in ((b, r) for r in REFINES for b in (4, 3)):
+        grids = [g for g in GRIDS if cell_path(work, bits, g, refine).is_file()]
         if len(grids) < 2:
             continue
-        cells = [torch.load(cell_path(work, bits, g)) for g in grids]
+        cells = [torch.load(cell_path(work, bits, g, refine)) for g in grids]
         labels = torch.cat([cells[0]["test"][1], cells[0]["heldout"][1][keep]])
         preds = [torch.cat([c["test"][0], c["heldout"][0][keep]]) for c in cells]
         s = heldout.spread_stats(preds, labels)
         s["eq_n"], s["calib_seconds"] = grids, [round(c["seconds"], 1) for c in cells]
-        results["bits"][f"w{bits}a{bits}"] = s
+        results["bits"][f"w{bits}a{bits}" + ("" if refine == "off" else f"-{refine}")] = s
         sub = subsets.get(f"w{bits}a{bits}", {}).get("all")
         ref = f"{sub['true_sd']:.2f} / {sub['expected_true_spread_of_5']:.2f}" if sub else "-"
         noise = s["expected_noise_spread_of_5"]  # of 5; for len(grids) models the expected range is smaller
-        lines.append(f"| W{bits}A{bits} | {' / '.join(map(str, grids))} | {' / '.join(f'{a:.2f}' for a in s['top1'])} | "
+        lines.append(f"| W{bits}A{bits} | {refine}: {REFINES[refine]} | {' / '.join(map(str, grids))} | {' / '.join(f'{a:.2f}' for a in s['top1'])} | "
                      f"{s['mean']:.2f} | {s['spread']:.2f} | {noise:.2f} (of 5) | {s['true_sd']:.2f} | "
                      f"{s['expected_true_spread_of_5']:.2f} | {ref} |")
     w4, w3 = results["bits"].get("w4a4"), results["bits"].get("w3a3")
@@ -100,6 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, choices=(3, 4), default=4)
     ap.add_argument("--eq-n", type=int, nargs="*", default=list(GRIDS))
+    ap.add_argument("--refine", choices=list(REFINES), default="off", help="the search's finer second grid")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_calib_grid"))
     ap.add_argument("--summarise", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
@@ -111,7 +122,7 @@ def main() -> None:
     fp = vitq.load_model("cifar10_vit")
     loads = heldout.loaders(fp)
     for eq_n in args.eq_n:
-        run_cell(fp, loads, args.bits, eq_n, args.work)
+        run_cell(fp, loads, args.bits, eq_n, args.work, args.refine)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ stopped run resumes; the summary is written from whatever is cached):
     python benchmarks/calib_heldout.py --cells 4:0 4:1 4:2 ; wait
     python benchmarks/calib_heldout.py --summarise
 
-The same with ``--calib-size 512`` (512 images per subset) or ``--rotation hadamard`` (the mse recipe
-with rotated linear inputs) measures those settings on the same held-out images.
+The same with ``--calib-size 512`` (512 images per subset), ``--rotation hadamard`` (the mse recipe
+with rotated linear inputs) or ``--refine r32s2`` (the search's finer second grid, see calib_grid.py)
+measures those settings on the same held-out images. A setting summarised earlier whose cells are
+not cached in --work keeps its rows from the earlier calib_heldout.json.
 """
 
 from __future__ import annotations
@@ -76,22 +78,27 @@ def loaders(fp: torch.nn.Module) -> dict:
 
 
 ROTATIONS = ("none", "hadamard")  # the mse recipe as it is, and with rotated linear inputs (vitq.rotation)
+# the mse search's finer second grid around each winner (CalibConfig.refine_n / refine_span), by name
+REFINES = {"off": {"refine_n": 0}, "r16": {"refine_n": 16, "refine_span": 1},
+           "r32s2": {"refine_n": 32, "refine_span": 2}}
 
 
-def cell_path(work: Path, bits: int, seed: int, size: int, rotation: str = "none") -> Path:
+def cell_path(work: Path, bits: int, seed: int, size: int, rotation: str = "none", refine: str = "off") -> Path:
     """The cached predictions of one cell (the first measurement, 128 images, keeps its names)."""
     name = f"mse-w{bits}-s{seed}" + ("" if size == CALIB else f"-c{size}")
-    return work / (name + ("" if rotation == "none" else f"-rot{rotation}") + ".pt")
+    return work / (name + ("" if rotation == "none" else f"-rot{rotation}") + ("" if refine == "off" else f"-{refine}")
+                   + ".pt")
 
 
-def setting_key(size: int, rotation: str) -> str:
-    return str(size) if rotation == "none" else f"{size}+{rotation}"
+def setting_key(size: int, rotation: str, refine: str = "off") -> str:
+    return str(size) + ("" if rotation == "none" else f"+{rotation}") + ("" if refine == "off" else f"+refine-{refine}")
 
 
 def setting_label(key: str) -> str:
-    """'512' -> '512 images'; '128+hadamard' -> '128 images, rotated (hadamard)'."""
-    size, _, rotation = key.partition("+")
-    return f"{size} images" + (f", rotated ({rotation})" if rotation else "")
+    """'512' -> '512 images'; '128+hadamard' -> '128 images, rotated (hadamard)'; '+refine-r16': a refined grid."""
+    size, *extras = key.split("+")
+    return f"{size} images" + "".join(f", refined grid ({REFINES[e[7:]]})" if e.startswith("refine-")
+                                      else f", rotated ({e})" for e in extras)
 
 
 def run_cell(fp: torch.nn.Module, loads: dict, bits: int, seed: int, work: Path, size: int = CALIB,
@@ -158,17 +165,26 @@ def heldout_mask(sizes: list[int]) -> torch.Tensor:
 def summarise(work: Path, out: Path) -> None:
     results: dict = {"command": "python benchmarks/calib_heldout.py (see its docstring: two processes per size, "
                                 "then --summarise)", "versions": versions(), "machine": machine(), "sizes": {}}
-    found = {(size, rot): {bits: [torch.load(cell_path(work, bits, s, size, rot)) for s in SEEDS
-                                  if cell_path(work, bits, s, size, rot).is_file()] for bits in (4, 3)}
-             for size in SIZES for rot in ROTATIONS}
+    found = {(size, rot, ref): {bits: [torch.load(cell_path(work, bits, s, size, rot, ref)) for s in SEEDS
+                                       if cell_path(work, bits, s, size, rot, ref).is_file()] for bits in (4, 3)}
+             for size in SIZES for rot in ROTATIONS for ref in REFINES}
     settings = [k for k in found if any(len(c) >= 2 for c in found[k].values())]
     # every setting is scored on the same images: outside all subsets of every size
-    keep = heldout_mask(sorted({size for size, _ in settings}))
+    keep = heldout_mask(list(SIZES))
     results["heldout_images"] = int(keep.sum())
-    for size, rot in settings:
+    # settings summarised earlier whose cells are no longer cached here keep their rows (same images)
+    earlier = out / "calib_heldout.json"
+    if earlier.is_file():
+        old = json.loads(earlier.read_text())
+        if old.get("heldout_images") == results["heldout_images"]:
+            recomputed = {setting_key(*k) for k in settings}
+            results["sizes"] = {k: v for k, v in old["sizes"].items() if k not in recomputed}
+            results["carried_from_earlier_summary"] = list(results["sizes"])
+            results["earlier_versions"] = old.get("earlier_versions", old.get("versions"))
+    for size, rot, ref in settings:
         per_bits = {}
         for bits in (4, 3):
-            cells = found[size, rot][bits]
+            cells = found[size, rot, ref][bits]
             if len(cells) < 2:
                 continue
             labels = {"test": cells[0]["test"][1], "heldout": cells[0]["heldout"][1][keep]}
@@ -179,7 +195,7 @@ def summarise(work: Path, out: Path) -> None:
             r["all"] = spread_stats([torch.cat([a, b]) for a, b in zip(preds["test"], preds["heldout"])],
                                     torch.cat([labels["test"], labels["heldout"]]))
             per_bits[f"w{bits}a{bits}"] = r
-        results["sizes"][setting_key(size, rot)] = per_bits
+        results["sizes"][setting_key(size, rot, ref)] = per_bits
     atomic_write_bytes(out / "calib_heldout.json", lambda fh: fh.write(json.dumps(results, indent=2).encode()))
     n_all = 10_000 + results["heldout_images"]
     lines = ["# Calibration spread without the evaluation noise", "", f"Command: `{results['command']}`", "",
@@ -228,7 +244,17 @@ def summarise(work: Path, out: Path) -> None:
                   + ". Four times the images did not shrink the W4A4 spread, so the images' sampling is not its "
                   "main source (the search's discrete choices are a candidate, untested); with lower means at both "
                   "widths and 2.4x the time, the default stays at 128."]
-    rotated = [k for k in both if "+" in k]
+    for key in [k for k in both if "+refine-" in k]:
+        plain = key.split("+refine-")[0]
+        if plain in both:
+            lines += ["", f"With the refined grid ({REFINES[key.split('+refine-')[1]]}, {setting_label(plain)}): the "
+                      "estimated spread of the expected top-1 " + ", ".join(
+                          f"{k.upper()} {both[plain][k]['all']['expected_true_spread_of_5']:.2f} -> "
+                          f"{both[key][k]['all']['expected_true_spread_of_5']:.2f}" for k in both[key] if k in both[plain])
+                      + ", the mean " + ", ".join(
+                          f"{k.upper()} {both[plain][k]['all']['mean']:.2f} -> {both[key][k]['all']['mean']:.2f}"
+                          for k in both[key] if k in both[plain]) + "."]
+    rotated = [k for k in both if "+" in k and "refine" not in k]
     for key in rotated:
         plain = key.split("+")[0]
         if plain in both:
@@ -252,6 +278,7 @@ def main() -> None:
     ap.add_argument("--summarise", action="store_true", help="only write the summary of the cached cells")
     ap.add_argument("--calib-size", type=int, choices=SIZES, default=CALIB, help="images per calibration subset")
     ap.add_argument("--rotation", choices=ROTATIONS, default="none", help="the mse recipe's rotation setting")
+    ap.add_argument("--refine", choices=list(REFINES), default="off", help="the mse search's finer second grid")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_calib_heldout"))
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--threads", type=int, default=1)
@@ -262,7 +289,9 @@ def main() -> None:
         loads = loaders(fp)
         for c in args.cells:
             bits, seed = map(int, c.split(":"))
-            run_cell(fp, loads, bits, seed, args.work, args.calib_size, args.rotation)
+            run_cell(fp, loads, bits, seed, args.work, args.calib_size, args.rotation,
+                     calibration=REFINES[args.refine] if args.refine != "off" else None,
+                     path=cell_path(args.work, bits, seed, args.calib_size, args.rotation, args.refine))
     summarise(args.work, args.out)
 
 

@@ -206,11 +206,13 @@ def test_compiled_mse_search_picks_what_the_eager_one_picks(images):
         CalibConfig(compile_kernels="yes")
 
 
-def test_linear_mse_search_ends_where_neither_quantizer_can_improve_alone(monkeypatch):
+@pytest.mark.parametrize("refine_n", [0, 16])
+def test_linear_mse_search_ends_where_neither_quantizer_can_improve_alone(monkeypatch, refine_n):
     """The coordinate descent stops once a step repeats its own last choice: there the weight rows
     are the best candidates for the chosen input grid and the input grid the best for the chosen
-    weights, each checked here against every candidate on the layer-output error. The data is
-    such that the descent takes two rounds, so a search that stopped a step early would show."""
+    weights, each checked here against every coarse candidate on the layer-output error (a refined
+    choice can only beat them). The data is such that the one-level descent takes two rounds, so a
+    search that stopped a step early would show."""
     from vitq.calibration import mse_search
     from vitq.calibration.config import CalibConfig
     from vitq.qmodules import QuantLinear
@@ -225,12 +227,13 @@ def test_linear_mse_search_ends_where_neither_quantizer_can_improve_alone(monkey
     x[:, 3] += 4.0  # a skewed channel
     x[::17, 5] *= 8  # and a few outliers
     steps = []
-    real = mse_search._activation_output_errors
-    monkeypatch.setattr(mse_search, "_activation_output_errors", lambda *a: steps.append(1) or real(*a))
+    real = mse_search._activation_output_scorer
+    monkeypatch.setattr(mse_search, "_activation_output_scorer", lambda *a: steps.append(1) or real(*a))
     ql = QuantLinear.from_float(lin, UniformQuantizer(bits, granularity="channel", axis=0), UniformQuantizer(bits))
-    cfg = CalibConfig(eq_n=32, search_rounds=50, max_search_tokens=None)
+    cfg = CalibConfig(eq_n=32, search_rounds=50, max_search_tokens=None, refine_n=refine_n)
     mse_search.search_linear_mse(ql, x, cfg, torch.Generator().manual_seed(1))
-    assert len(steps) == 2  # activation steps: the second repeats the first, which ends the search
+    # activation steps: the last repeats the one before, which ends the search
+    assert len(steps) == 2 if refine_n == 0 else 2 <= len(steps) < 50
     ql.eval()
     with torch.no_grad():
         w = lin.weight.detach()
@@ -244,3 +247,51 @@ def test_linear_mse_search_ends_where_neither_quantizer_can_improve_alone(monkey
         rows = torch.stack([(ref - x_hat @ fake_quant(w, w_s[:, c:c + 1], w_z[:, c:c + 1], qmax).t()).pow(2).sum(0)
                             for c in range(w_s.shape[1])])  # (candidates, rows)
         assert torch.all(chosen.sum(0) <= rows.min(0).values * (1 + 1e-5))
+
+
+def test_refined_search_lands_near_the_same_scale_whatever_the_coarse_grid():
+    """With one level, which of the 8 (4-bit) scales wins depends on where the grid's points fall, so
+    grids of 112 and 144 candidates pick scales a sizeable part of a grid step apart; the second, finer
+    grid around each winner lands both within a small part of a step of each other, and never scores
+    worse than the coarse winner."""
+    from vitq.calibration import mse_search
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.gelu(torch.randn(4096, 64, generator=g) * 1.5)  # skewed, like an fc2 input
+    bits, qmax = 4, 15
+    chosen = {}
+    for refine in (0, 16):
+        for eq_n in (112, 144):
+            s, z = mse_search._tensor_candidates(x, bits, eq_n)
+            chosen[refine, eq_n] = mse_search._best_tensor_self(x, s, z, qmax, bits, (refine, 1))
+    step = (x.amax() - x.amin()) / qmax / 7  # the coarse grids' scale step (7 or 9 scales over the range)
+    gap = {r: (chosen[r, 112][0] - chosen[r, 144][0]).abs().item() for r in (0, 16)}
+    assert gap[0] > 0.25 * step.item()  # the one-level choice moves with the grid ...
+    assert gap[16] < 0.1 * step.item()  # ... the refined one hardly
+    for eq_n in (112, 144):
+        err = {r: (fake_quant(x, chosen[r, eq_n][0], chosen[r, eq_n][1], qmax) - x).pow(2).sum() for r in (0, 16)}
+        assert err[16] <= err[0]
+
+
+def test_refine_n_is_checked():
+    from vitq.calibration import CalibConfig
+    with pytest.raises(VitqError, match="refine_n must be 0"):
+        CalibConfig(refine_n=1)
+
+
+def test_refined_grid_spans_the_asked_coarse_scales_and_keeps_the_winner():
+    from vitq.calibration import mse_search
+
+    lo, hi = torch.tensor([-1.0, 0.0]), torch.tensor([3.0, 5.0])
+    scales, zps = mse_search._grid(lo * 0.3, hi * 0.3, lo, hi, bits=4, eq_n=128)  # 8 scales x 16 zero points
+    coarse = scales.reshape(2, 8, 16)[..., 0]
+    best = torch.tensor([3 * 16 + 4, 0 * 16 + 0])  # row 0: scale 3, zp 4; row 1: the narrowest scale, zp 0
+    for span in (1, 2):
+        fs, fz = mse_search._refined(scales, zps, best, bits=4, n_fine=9, span=span)
+        assert torch.allclose(fs[0, :-1].min(), coarse[0, 3 - span]) and torch.allclose(fs[0, :-1].max(), coarse[0, 3 + span])
+        assert torch.allclose(fs[1, :-1].min(), coarse[1, 0]) and torch.allclose(fs[1, :-1].max(), coarse[1, span])
+        assert torch.equal(fs[:, -1], scales[[0, 1], best]) and torch.equal(fz[:, -1], zps[[0, 1], best])
+        assert fz.min() >= 0 and fz.max() <= 15 and torch.equal(fz, fz.round())
+        # the zero points keep the winner's lower clip within +- 2 codes
+        clip = (zps[0, best[0]] * scales[0, best[0]])
+        assert ((fz[0, :-1] * fs[0, :-1] - clip).abs() <= 2.5 * fs[0, :-1]).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +25,11 @@ def _grid(lo_q: torch.Tensor, hi_q: torch.Tensor, lo: torch.Tensor, hi: torch.Te
     Scales: S points from ``(q90-q10)/L`` to ``(max-min)/L``; zero points: all of 0..L when
     ``2^b <= 16`` (the official grid), else 16 integers around the zero point that centres the
     code window on the data's midpoint (the official grid assumes the midpoint is 0, which
-    confines 6-bit zero points to 24..39 even for skewed post-GELU inputs). Returns (scales, zero points), each (R, S*Z).
+    confines 6-bit zero points to 24..39 even for skewed post-GELU inputs). Returns (scales, zero points),
+    each (R, S*Z), scale-major (candidate ``i * Z + j`` is scale ``i``, zero point ``j``).
     """
     qmax = 2 ** bits - 1
-    n_zp = min(16, 2 ** bits)
-    n_scale = max(2, eq_n // n_zp)  # at least both ends of the scale range
+    n_scale = max(2, eq_n // _zero_points_per_scale(bits))  # at least both ends of the scale range
     frac = torch.linspace(0, 1, n_scale, device=lo.device)
     range_min, range_max = (hi_q - lo_q).clamp(min=1e-8), (hi - lo).clamp(min=1e-8)
     scales = (range_min[:, None] + frac[None] * (range_max - range_min)[:, None]) / qmax  # (R, S)
@@ -40,10 +41,70 @@ def _grid(lo_q: torch.Tensor, hi_q: torch.Tensor, lo: torch.Tensor, hi: torch.Te
         # centre the code window on the data's midpoint (the official grid centres it on 0);
         # at the widest scale this is exactly -min/s
         centre = torch.round(qmax / 2 - (lo + hi)[:, None] / (2 * scales))  # (R, S)
+        n_zp = _zero_points_per_scale(bits)
         offsets = torch.arange(n_zp, device=lo.device, dtype=torch.float32) - n_zp // 2
         zps = centre[..., None] + offsets
     scales = scales[..., None].expand_as(zps)
     return scales.reshape(lo.shape[0], -1), zps.reshape(lo.shape[0], -1)
+
+
+def _zero_points_per_scale(bits: int) -> int:
+    return min(16, 2 ** bits)
+
+
+# Zero points tried per fine scale: the coarse winner's lower clip kept, +- this many codes
+_REFINE_ZP_SPAN = 2
+
+
+def _refined(scales: torch.Tensor, zps: torch.Tensor, best: torch.Tensor, bits: int, n_fine: int, span: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A finer grid around each row's coarse winner ``best`` (R,) of a ``_grid`` (R, S*Z).
+
+    ``n_fine`` scales evenly over ``span`` coarse scales on either side of the winner's (cut at the
+    ends of the range), each with the zero points that keep the winner's lower clip ``-z s``
+    (rounded) +- ``_REFINE_ZP_SPAN`` codes, clamped to the codes where the official grid keeps them.
+    The winner itself is appended last, so the refined choice never scores worse. Why: the coarse
+    grid has only eq_n/Z scales (8 at 4 bits), and the objective can have a narrow basin beside a
+    flat one (a post-GELU input: zero point 0 clips the negative values at a wide scale, zero point 1
+    keeps them only in a narrow band of scales); whether the coarse points fall near it decides the
+    model (benchmarks/calib_grid.md).
+    """
+    n_zp = _zero_points_per_scale(bits)
+    rows = torch.arange(scales.shape[0], device=scales.device)
+    coarse = scales.reshape(scales.shape[0], -1, n_zp)[..., 0]  # (R, S)
+    si = best // n_zp
+    left = coarse[rows, (si - span).clamp(min=0)]
+    right = coarse[rows, (si + span).clamp(max=coarse.shape[1] - 1)]
+    frac = torch.linspace(0, 1, n_fine, device=scales.device)
+    fine = left[:, None] + frac[None] * (right - left)[:, None]  # (R, F)
+    s_win, z_win = scales[rows, best], zps[rows, best]
+    offsets = torch.arange(-_REFINE_ZP_SPAN, _REFINE_ZP_SPAN + 1, device=scales.device, dtype=torch.float32)
+    fz = torch.round((z_win * s_win)[:, None] / fine)[..., None] + offsets  # (R, F, O)
+    if 2 ** bits <= 16:
+        fz = fz.clamp(0, 2 ** bits - 1)
+    fs = fine[..., None].expand_as(fz)
+    return (torch.cat([fs.reshape(len(rows), -1), s_win[:, None]], 1),
+            torch.cat([fz.reshape(len(rows), -1), z_win[:, None]], 1))
+
+
+def _pick(score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scales: torch.Tensor, zps: torch.Tensor,
+          bits: int, refine: int, span: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a candidate grid (R, C), the (scale, zp) with the lowest ``score``, then refined.
+
+    ``score(s, z)`` takes one candidate per row, each (R,), and returns the R errors. ``refine``:
+    scales of the finer grid over ``span`` coarse scales either side of each winner (0: the coarse
+    grid's choice stands). Returns the chosen (scale, zero point), each (R,).
+    """
+    rows = torch.arange(scales.shape[0], device=scales.device)
+
+    def best_of(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return split_candidates(s.shape[1], lambda c: score(s[:, c], z[:, c]).reshape(len(rows))).argmin(0)
+
+    best = best_of(scales, zps)
+    if refine:
+        scales, zps = _refined(scales, zps, best, bits, refine, span)
+        best = best_of(scales, zps)
+    return scales[rows, best], zps[rows, best]
 
 
 def _row_candidates(w2d: torch.Tensor, bits: int, eq_n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,34 +126,30 @@ def _channel_candidates(x2d: torch.Tensor, bits: int, eq_n: int) -> tuple[torch.
     return _grid(q[0], q[1], x2d.amin(0), x2d.amax(0), bits, eq_n)
 
 
-def _best_self(t: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmax: int, dim: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _best_self(t: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmax: int, bits: int, dim: int,
+               refine: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
     """Per index along ``dim`` of a 2-D ``t``, the (scale, zp) candidate with the lowest self-MSE.
 
+    ``refine``: (fine scales, span), as in ``_pick``.
     ``dim=0``: one candidate set per row (weights, cands (R, C)); ``dim=1``: per column
     (input channels of (tokens, C), cands (C, K)).
     """
     view = (lambda v: v[:, None]) if dim == 0 else (lambda v: v)
-    errs = split_candidates(scales.shape[1], lambda c: quant_sq_error(t, view(scales[:, c]), view(zps[:, c]), qmax,
-                                                                      1 - dim))  # (C, R)
-    best = errs.argmin(0)
-    idx = torch.arange(t.shape[dim], device=t.device)
-    return scales[idx, best], zps[idx, best]
+    return _pick(lambda s, z: quant_sq_error(t, view(s), view(z), qmax, 1 - dim), scales, zps, bits, *refine)
 
 
-def _best_tensor_self(x: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmax: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    errs = split_candidates(len(scales), lambda c: quant_sq_error(x, scales[c], zps[c], qmax))
-    best = int(errs.argmin())
-    return scales[best].reshape(1), zps[best].reshape(1)
+def _best_tensor_self(x: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmax: int, bits: int,
+                      refine: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-tensor (scale, zp) with the lowest self-MSE; ``refine``: (fine scales, span) as in ``_pick``."""
+    return _pick(lambda s, z: quant_sq_error(x, s[0], z[0], qmax), scales[None], zps[None], bits, *refine)
 
 
-def _activation_output_errors(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor, scales: torch.Tensor,
-                              zps: torch.Tensor, qmax: int) -> torch.Tensor:
-    """``||x W^T - Q_c(x) W_hat^T||^2`` for every per-tensor input candidate c.
+def _activation_output_scorer(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor, qmax: int
+                              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``score(s, z) = ||x W^T - Q_{s,z}(x) W_hat^T||^2`` for a per-tensor input candidate (s, z).
 
-    Written through the errors, ``R = x (W - W_hat)^T`` and ``E_c = Q_c(x) - x``:
-    ``||R - E_c W_hat^T||^2 = ||R||^2 - 2<R W_hat, E_c> + <E_c W_hat^T W_hat, E_c>``. Every term is
+    Written through the errors, ``R = x (W - W_hat)^T`` and ``E = Q(x) - x``:
+    ``||R - E W_hat^T||^2 = ||R||^2 - 2<R W_hat, E> + <E W_hat^T W_hat, E>``. Every term is
     of the size of the error itself (no cancellation in float32), and a candidate costs
     ``N * in * min(in, out)`` instead of ``N * in * out``.
     """
@@ -102,13 +159,13 @@ def _activation_output_errors(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Ten
         gram = w_hat.t() @ w_hat
         rw = r @ w_hat
 
-    def score(c: int) -> torch.Tensor:
-        e = quant_error(x, scales[c], zps[c], qmax)
+    def score(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        e = quant_error(x, s, z, qmax)
         if use_gram:
             return ((e @ gram) * e).sum() - 2 * (rw * e).sum()
         return (r - e @ w_hat.t()).pow(2).sum()
 
-    return split_candidates(len(scales), score)
+    return score
 
 
 @torch.no_grad()
@@ -121,17 +178,18 @@ def search_linear_mse(module: QuantLinear, x: torch.Tensor, cfg: CalibConfig, ge
     xs = _subsample_rows(x2d, cfg.max_search_tokens, gen)
 
     # 1) "self" searches
+    refine = (cfg.refine_n, cfg.refine_span)
     if wq is not None:
         if wq.granularity == "channel":
             w_s, w_z = _row_candidates(w2d, wq.bits, cfg.eq_n)
-            best_s, best_z = _best_self(w2d, w_s, w_z, wq.quant_range()[1], dim=0)
+            best_s, best_z = _best_self(w2d, w_s, w_z, wq.quant_range()[1], wq.bits, dim=0, refine=refine)
             wq.set_params(best_s[:, None], best_z[:, None])
         else:
             s, z = _tensor_candidates(w2d, wq.bits, cfg.eq_n)
-            wq.set_params(*_best_tensor_self(w2d, s, z, wq.quant_range()[1]))
+            wq.set_params(*_best_tensor_self(w2d, s, z, wq.quant_range()[1], wq.bits, refine))
     if aq is not None:
         a_s, a_z = _tensor_candidates(xs, aq.bits, cfg.eq_n)
-        aq.set_params(*_best_tensor_self(xs, a_s, a_z, aq.quant_range()[1]))
+        aq.set_params(*_best_tensor_self(xs, a_s, a_z, aq.quant_range()[1], aq.bits, refine))
 
     # 2) coordinate descent on the output MSE. Each step depends only on the other quantizer's
     # parameters, so a step that picks what its own last step did is a fixed point: the other
@@ -139,8 +197,8 @@ def search_linear_mse(module: QuantLinear, x: torch.Tensor, cfg: CalibConfig, ge
     # Without a per-row weight step the activation step's input never changes: one round is the
     # fixed point.
     row_search = wq is not None and wq.granularity == "channel"
-    last_rows: torch.Tensor | None = None
-    last_act: int | None = None
+    last_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    last_act: tuple[torch.Tensor, torch.Tensor] | None = None
     for _ in range(cfg.search_rounds if row_search else min(1, cfg.search_rounds)):
         if row_search:
             # Per row, through the errors d = w_hat - w and r = (X - X_hat) w (fixed in this step):
@@ -154,24 +212,24 @@ def search_linear_mse(module: QuantLinear, x: torch.Tensor, cfg: CalibConfig, ge
             cross = (w2d.double() @ ((x64 - x_hat).t() @ x_hat)).float() if aq is not None else None
             qmax = wq.quant_range()[1]
 
-            def row_errors(c: int) -> torch.Tensor:
-                d = quant_error(w2d, w_s[:, c:c + 1], w_z[:, c:c + 1], qmax)
+            def row_errors(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+                d = quant_error(w2d, s[:, None], z[:, None], qmax)
                 err = ((d @ gram) * d).sum(1)
                 return err if cross is None else err - 2 * (cross * d).sum(1)
 
-            best = split_candidates(w_s.shape[1], row_errors).argmin(0)
-            if last_rows is not None and torch.equal(best, last_rows):
+            chosen = _pick(row_errors, w_s, w_z, wq.bits, *refine)
+            if last_rows is not None and all(torch.equal(a, b) for a, b in zip(chosen, last_rows)):
                 break
-            last_rows = best
-            rows = torch.arange(w2d.shape[0], device=w2d.device)
-            wq.set_params(w_s[rows, best][:, None], w_z[rows, best][:, None])
+            last_rows = chosen
+            wq.set_params(chosen[0][:, None], chosen[1][:, None])
         if aq is not None:
             w_hat = wq(w).reshape_as(w2d) if wq is not None else w2d
-            best = int(_activation_output_errors(xs, w2d, w_hat, a_s, a_z, aq.quant_range()[1]).argmin())
-            aq.set_params(a_s[best].reshape(1), a_z[best].reshape(1))
-            if best == last_act:  # the next weight step would repeat the last one
-                break
-            last_act = best
+            score = _activation_output_scorer(xs, w2d, w_hat, aq.quant_range()[1])
+            chosen = _pick(lambda s, z: score(s[0], z[0]), a_s[None], a_z[None], aq.bits, *refine)
+            aq.set_params(*chosen)
+            if last_act is not None and all(torch.equal(a, b) for a, b in zip(chosen, last_act)):
+                break  # the next weight step would repeat the last one
+            last_act = chosen
 
 
 def _matmul_candidates(t: torch.Tensor, q: UniformQuantizer, eq_n: int) -> tuple[torch.Tensor, torch.Tensor]:

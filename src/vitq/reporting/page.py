@@ -48,8 +48,8 @@ def _config_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append((label, config[key]))
     calib = config.get("calibration") or {}
     if calib:
-        rows.append(("calibration", ", ".join(f"{k}={calib[k]}" for k in ("method", "eq_n", "search_rounds")
-                                              if k in calib)))
+        shown = ("method", "eq_n", "search_rounds", "refine_n")
+        rows.append(("calibration", ", ".join(f"{k}={calib[k]}" for k in shown if k in calib)))
     recon = config.get("reconstruction")
     if isinstance(recon, dict):
         keys = RECON_KEYS + (FISHER_KEYS if str(recon.get("loss", "")).startswith("fimaq") else ())
