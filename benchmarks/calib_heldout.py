@@ -78,9 +78,9 @@ def loaders(fp: torch.nn.Module) -> dict:
 
 
 ROTATIONS = ("none", "hadamard")  # the mse recipe as it is, and with rotated linear inputs (vitq.rotation)
-# the mse search's finer second grid around each winner (CalibConfig.refine_n / refine_span), by name
-REFINES = {"off": {"refine_n": 0}, "r16": {"refine_n": 16, "refine_span": 1},
-           "r32s2": {"refine_n": 32, "refine_span": 2}}
+# the mse search's finer second grid around each winner (CalibConfig.fine_grid / fine_grid_span), by name
+REFINES = {"off": {"fine_grid": 0}, "r16": {"fine_grid": 16, "fine_grid_span": 1},
+           "r32s2": {"fine_grid": 32, "fine_grid_span": 2}}
 
 
 def cell_path(work: Path, bits: int, seed: int, size: int, rotation: str = "none", refine: str = "off") -> Path:

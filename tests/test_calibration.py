@@ -206,8 +206,8 @@ def test_compiled_mse_search_picks_what_the_eager_one_picks(images):
         CalibConfig(compile_kernels="yes")
 
 
-@pytest.mark.parametrize("refine_n", [0, 16])
-def test_linear_mse_search_ends_where_neither_quantizer_can_improve_alone(monkeypatch, refine_n):
+@pytest.mark.parametrize("fine_grid", [0, 16])
+def test_linear_mse_search_ends_where_neither_quantizer_can_improve_alone(monkeypatch, fine_grid):
     """The coordinate descent stops once a step repeats its own last choice: there the weight rows
     are the best candidates for the chosen input grid and the input grid the best for the chosen
     weights, each checked here against every coarse candidate on the layer-output error (a refined
@@ -230,10 +230,10 @@ def test_linear_mse_search_ends_where_neither_quantizer_can_improve_alone(monkey
     real = mse_search._activation_output_scorer
     monkeypatch.setattr(mse_search, "_activation_output_scorer", lambda *a: steps.append(1) or real(*a))
     ql = QuantLinear.from_float(lin, UniformQuantizer(bits, granularity="channel", axis=0), UniformQuantizer(bits))
-    cfg = CalibConfig(eq_n=32, search_rounds=50, max_search_tokens=None, refine_n=refine_n)
+    cfg = CalibConfig(eq_n=32, search_rounds=50, max_search_tokens=None, fine_grid=fine_grid)
     mse_search.search_linear_mse(ql, x, cfg, torch.Generator().manual_seed(1))
     # activation steps: the last repeats the one before, which ends the search
-    assert len(steps) == 2 if refine_n == 0 else 2 <= len(steps) < 50
+    assert len(steps) == 2 if fine_grid == 0 else 2 <= len(steps) < 50
     ql.eval()
     with torch.no_grad():
         w = lin.weight.detach()
@@ -273,10 +273,10 @@ def test_refined_search_lands_near_the_same_scale_whatever_the_coarse_grid():
         assert err[16] <= err[0]
 
 
-def test_refine_n_is_checked():
+def test_fine_grid_is_checked():
     from vitq.calibration import CalibConfig
-    with pytest.raises(VitqError, match="refine_n must be 0"):
-        CalibConfig(refine_n=1)
+    with pytest.raises(VitqError, match="fine_grid must be 0"):
+        CalibConfig(fine_grid=1)
 
 
 def test_refined_grid_spans_the_asked_coarse_scales_and_keeps_the_winner():

@@ -22,9 +22,9 @@ class CalibConfig:
     eq_n: int = 128                    # ``mse``: candidates per grid
     search_rounds: int = 3             # ``mse``: coordinate-descent rounds on the output MSE
     # ``mse``: scales of a second, finer grid around each linear-layer winner (0: the official
-    # one-level grid), over ``refine_span`` coarse scales either side. Why: see ``mse_search._refined``.
-    refine_n: int = 0
-    refine_span: int = 1
+    # one-level grid), over ``fine_grid_span`` coarse scales either side. Why: see ``mse_search._refined``.
+    fine_grid: int = 0
+    fine_grid_span: int = 1
     token_wise: bool = True            # expand activation scales per token after the search
     reparam: bool = True               # RepQ-ViT LayerNorm fold for post-LN inputs
     # How much data scores the search's candidates. Every calibration image by default on models the
@@ -54,7 +54,7 @@ class CalibConfig:
             raise VitqError(f"compile_kernels must be one of {', '.join(COMPILE)}, got {self.compile_kernels!r}")
         if self.eq_n < 2 or self.search_rounds < 0:
             raise VitqError("eq_n must be >= 2 and search_rounds >= 0")
-        if self.refine_n < 0 or self.refine_n == 1:
-            raise VitqError(f"refine_n must be 0 (off) or >= 2, got {self.refine_n}")
-        if self.refine_span < 1:
-            raise VitqError(f"refine_span must be >= 1, got {self.refine_span}")
+        if self.fine_grid < 0 or self.fine_grid == 1:
+            raise VitqError(f"fine_grid must be 0 (off) or >= 2, got {self.fine_grid}")
+        if self.fine_grid_span < 1:
+            raise VitqError(f"fine_grid_span must be >= 1, got {self.fine_grid_span}")

@@ -178,7 +178,7 @@ def search_linear_mse(module: QuantLinear, x: torch.Tensor, cfg: CalibConfig, ge
     xs = _subsample_rows(x2d, cfg.max_search_tokens, gen)
 
     # 1) "self" searches
-    refine = (cfg.refine_n, cfg.refine_span)
+    refine = (cfg.fine_grid, cfg.fine_grid_span)
     if wq is not None:
         if wq.granularity == "channel":
             w_s, w_z = _row_candidates(w2d, wq.bits, cfg.eq_n)

@@ -43,7 +43,7 @@ def per_channel_params(x2d: torch.Tensor, bits: int, cfg: CalibConfig, seed: int
     if cfg.method == "mse":
         s, z = _channel_candidates(x2d, bits, cfg.eq_n)
         rows = _subsample_rows(x2d, cfg.max_search_tokens, torch.Generator().manual_seed(seed))
-        return _best_self(rows, s, z, qmax, bits, dim=1, refine=(cfg.refine_n, cfg.refine_span))
+        return _best_self(rows, s, z, qmax, bits, dim=1, refine=(cfg.fine_grid, cfg.fine_grid_span))
     probe = UniformQuantizer(bits, granularity="channel", axis=-1).to(x2d.device)
     init_by_method(probe, x2d, cfg)
     return probe.scale.detach().reshape(-1), probe.zero_point.reshape(-1)

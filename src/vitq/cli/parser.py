@@ -81,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "training augmentation, drawn once per image as FIMA-Q does")
     p_q.add_argument("--eq-n", type=_positive_int, default=None, help="mse search: candidates per grid (default 128)")
     p_q.add_argument("--search-rounds", type=int, default=None, help="mse search: coordinate-descent rounds (default 3)")
-    p_q.add_argument("--refine-n", type=int, default=None,
+    p_q.add_argument("--fine-grid", type=int, default=None,
                      help="mse search: scales of a finer second grid around each linear-layer winner (0: off)")
+    p_q.add_argument("--fine-grid-span", type=int, default=None,
+                     help="mse search: coarse scales either side of the winner that the finer grid covers (default 1)")
     p_q.add_argument("--search-tokens", type=_count_or_all, default=None,
                      help="mse search: linear-input rows that score candidates, N or 'all' (default 16384)")
     p_q.add_argument("--search-samples", type=_count_or_all, default=None,
@@ -243,7 +245,8 @@ def recipe_from_args(args: argparse.Namespace):
         recon["batch_size"] = args.recon_batch_size
     aiq = {k: getattr(args, k) for k in AIQ_FLAGS if getattr(args, k) is not None}
     refine = {k: getattr(args, f"refine_{k}") for k in REFINE_FLAGS if getattr(args, f"refine_{k}") is not None}
-    calibration = {k: getattr(args, k) for k in ("eq_n", "search_rounds", "refine_n") if getattr(args, k) is not None}
+    calibration = {k: getattr(args, k) for k in ("eq_n", "search_rounds", "fine_grid", "fine_grid_span")
+                   if getattr(args, k) is not None}
     if args.compile_kernels is not None:  # one switch for every stage the recipe has
         calibration["compile_kernels"] = args.compile_kernels
         if base.reconstruction is not None:
