@@ -162,6 +162,12 @@ def heldout_mask(sizes: list[int]) -> torch.Tensor:
     return torch.from_numpy(~np.isin(idx, np.array(sorted(used))))
 
 
+def same_seeds_mean(plain: dict, other: dict) -> float:
+    """The mean top-1 (all images) of ``plain``'s models on the seeds ``other`` has."""
+    ids = plain.get("seed_ids", list(SEEDS))
+    return statistics.mean(plain["all"]["top1"][ids.index(i)] for i in other.get("seed_ids", ids))
+
+
 def summarise(work: Path, out: Path) -> None:
     results: dict = {"command": "python benchmarks/calib_heldout.py (see its docstring: two processes per size, "
                                 "then --summarise)", "versions": versions(), "machine": machine(), "sizes": {}}
@@ -189,7 +195,8 @@ def summarise(work: Path, out: Path) -> None:
                 continue
             labels = {"test": cells[0]["test"][1], "heldout": cells[0]["heldout"][1][keep]}
             preds = {"test": [c["test"][0] for c in cells], "heldout": [c["heldout"][0][keep] for c in cells]}
-            r = {"seeds": len(cells), "calib_seconds": statistics.mean(c["seconds"] for c in cells)}
+            r = {"seeds": len(cells), "calib_seconds": statistics.mean(c["seconds"] for c in cells),
+                 "seed_ids": [s for s in SEEDS if cell_path(work, bits, s, size, rot, ref).is_file()]}
             for split in ("test", "heldout"):
                 r[split] = spread_stats(preds[split], labels[split])
             r["all"] = spread_stats([torch.cat([a, b]) for a, b in zip(preds["test"], preds["heldout"])],
@@ -217,7 +224,10 @@ def summarise(work: Path, out: Path) -> None:
         for key, r in per_bits.items():
             for split, label in (("test", "test 10k"), ("heldout", "held-out"), ("all", f"both, {n_all:,}")):
                 s = r[split]
-                lines.append(f"| {size} | {key.upper()} | {label} | {' / '.join(f'{a:.2f}' for a in s['top1'])} | "
+                ids = r.get("seed_ids", list(SEEDS))
+                tops = " / ".join(f"{a:.2f}" for a in s["top1"]) if len(ids) == len(SEEDS) else \
+                    " / ".join(f"s{i} {a:.2f}" for i, a in zip(ids, s["top1"]))
+                lines.append(f"| {size} | {key.upper()} | {label} | {tops} | "
                              f"{s['mean']:.2f} | {s['spread']:.2f} | {s['expected_noise_spread_of_5']:.2f} | "
                              f"{s['p_noise_alone']:.3f} | {s['true_sd']:.2f} (var {s['true_var']:+.3f}) | "
                              f"{s['expected_true_spread_of_5']:.2f} |")
@@ -250,9 +260,12 @@ def summarise(work: Path, out: Path) -> None:
             lines += ["", f"With the refined grid ({REFINES[key.split('+refine-')[1]]}, {setting_label(plain)}): the "
                       "estimated spread of the expected top-1 " + ", ".join(
                           f"{k.upper()} {both[plain][k]['all']['expected_true_spread_of_5']:.2f} -> "
-                          f"{both[key][k]['all']['expected_true_spread_of_5']:.2f}" for k in both[key] if k in both[plain])
-                      + ", the mean " + ", ".join(
-                          f"{k.upper()} {both[plain][k]['all']['mean']:.2f} -> {both[key][k]['all']['mean']:.2f}"
+                          f"{both[key][k]['all']['expected_true_spread_of_5']:.2f}"
+                          + ("" if both[key][k]["seeds"] == len(SEEDS) else f" (from {both[key][k]['seeds']} models)")
+                          for k in both[key] if k in both[plain])
+                      + ", the mean on the same seeds " + ", ".join(
+                          f"{k.upper()} {same_seeds_mean(both[plain][k], both[key][k]):.2f} -> "
+                          f"{both[key][k]['all']['mean']:.2f} (seeds {', '.join(map(str, both[key][k]['seed_ids']))})"
                           for k in both[key] if k in both[plain]) + "."]
     rotated = [k for k in both if "+" in k and "refine" not in k]
     for key in rotated:
