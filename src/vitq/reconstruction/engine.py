@@ -163,8 +163,8 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ReconConfig, device
             x_fp, x_q = _block_inputs(model, blocks, index, images, cfg, device, store, previous)
             previous = None
             y_fp = float_block_outputs(model, block, x_fp, cfg, device, store)
-            summary = reconstruct_block(model, name, block, x_fp, x_q, targets, replace(cfg, iters=cfg.iters_for(index)),
-                                        device, gen, progress,
+            block_cfg = replace(cfg, iters=cfg.iters_for(index))  # the first transformer block's own budget
+            summary = reconstruct_block(model, name, block, x_fp, x_q, targets, block_cfg, device, gen, progress,
                                         desc=f"block {index + 1}/{len(blocks)} {name}{eta}", extension=extension,
                                         features=features, y_fp=y_fp)
             summary["seconds"] = round(time.perf_counter() - t0, 3)
