@@ -80,7 +80,8 @@ def loaders(fp: torch.nn.Module) -> dict:
 ROTATIONS = ("none", "hadamard")  # the mse recipe as it is, and with rotated linear inputs (vitq.rotation)
 # the mse search's finer second grid around each winner (CalibConfig.fine_grid / fine_grid_span), by name
 REFINES = {"off": {"fine_grid": 0}, "r16": {"fine_grid": 16, "fine_grid_span": 1},
-           "r32s2": {"fine_grid": 32, "fine_grid_span": 2}}
+           "r32s2": {"fine_grid": 32, "fine_grid_span": 2}, "bc": {"bias_correction": True},
+           "r32s2bc": {"fine_grid": 32, "fine_grid_span": 2, "bias_correction": True}}
 
 
 def cell_path(work: Path, bits: int, seed: int, size: int, rotation: str = "none", refine: str = "off") -> Path:
@@ -94,10 +95,15 @@ def setting_key(size: int, rotation: str, refine: str = "off") -> str:
     return str(size) + ("" if rotation == "none" else f"+{rotation}") + ("" if refine == "off" else f"+refine-{refine}")
 
 
+def overrides_label(name: str) -> str:
+    """A REFINES entry in words: 'r32s2' -> 'fine_grid=32, fine_grid_span=2'."""
+    return ", ".join(f"{k}={v}" for k, v in REFINES[name].items())
+
+
 def setting_label(key: str) -> str:
-    """'512' -> '512 images'; '128+hadamard' -> '128 images, rotated (hadamard)'; '+refine-r16': a refined grid."""
+    """'512' -> '512 images'; '128+hadamard' -> '128 images, rotated (hadamard)'; '+refine-r16': calibration overrides."""
     size, *extras = key.split("+")
-    return f"{size} images" + "".join(f", refined grid ({REFINES[e[7:]]})" if e.startswith("refine-")
+    return f"{size} images" + "".join(f", {overrides_label(e[7:])}" if e.startswith("refine-")
                                       else f", rotated ({e})" for e in extras)
 
 
@@ -257,7 +263,7 @@ def summarise(work: Path, out: Path) -> None:
     for key in [k for k in both if "+refine-" in k]:
         plain = key.split("+refine-")[0]
         if plain in both:
-            lines += ["", f"With the refined grid ({REFINES[key.split('+refine-')[1]]}, {setting_label(plain)}): the "
+            lines += ["", f"With {overrides_label(key.split('+refine-')[1])} ({setting_label(plain)}): the "
                       "estimated spread of the expected top-1 " + ", ".join(
                           f"{k.upper()} {both[plain][k]['all']['expected_true_spread_of_5']:.2f} -> "
                           f"{both[key][k]['all']['expected_true_spread_of_5']:.2f}"
@@ -291,7 +297,8 @@ def main() -> None:
     ap.add_argument("--summarise", action="store_true", help="only write the summary of the cached cells")
     ap.add_argument("--calib-size", type=int, choices=SIZES, default=CALIB, help="images per calibration subset")
     ap.add_argument("--rotation", choices=ROTATIONS, default="none", help="the mse recipe's rotation setting")
-    ap.add_argument("--refine", choices=list(REFINES), default="off", help="the mse search's finer second grid")
+    ap.add_argument("--refine", choices=list(REFINES), default="off",
+                    help="CalibConfig overrides by name: the mse search's finer second grid, bias correction")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_calib_heldout"))
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--threads", type=int, default=1)

@@ -206,13 +206,14 @@ def test_compiled_mse_search_picks_what_the_eager_one_picks(images):
         CalibConfig(compile_kernels="yes")
 
 
-@pytest.mark.parametrize("fine_grid", [0, 16])
-def test_linear_mse_search_ends_where_neither_quantizer_can_improve_alone(monkeypatch, fine_grid):
+@pytest.mark.parametrize("fine_grid,centred", [(0, False), (16, False), (0, True)])
+def test_linear_mse_search_ends_where_neither_quantizer_can_improve_alone(monkeypatch, fine_grid, centred):
     """The coordinate descent stops once a step repeats its own last choice: there the weight rows
     are the best candidates for the chosen input grid and the input grid the best for the chosen
     weights, each checked here against every coarse candidate on the layer-output error (a refined
     choice can only beat them). The data is such that the one-level descent takes two rounds, so a
-    search that stopped a step early would show."""
+    search that stopped a step early would show. With bias correction (``centred``) the error is the
+    one left after each output's mean error is added back, computed here the plain way."""
     from vitq.calibration import mse_search
     from vitq.calibration.config import CalibConfig
     from vitq.qmodules import QuantLinear
@@ -230,23 +231,115 @@ def test_linear_mse_search_ends_where_neither_quantizer_can_improve_alone(monkey
     real = mse_search._activation_output_scorer
     monkeypatch.setattr(mse_search, "_activation_output_scorer", lambda *a: steps.append(1) or real(*a))
     ql = QuantLinear.from_float(lin, UniformQuantizer(bits, granularity="channel", axis=0), UniformQuantizer(bits))
-    cfg = CalibConfig(eq_n=32, search_rounds=50, max_search_tokens=None, fine_grid=fine_grid)
+    cfg = CalibConfig(eq_n=32, search_rounds=50, max_search_tokens=None, fine_grid=fine_grid,
+                      bias_correction=centred)
     mse_search.search_linear_mse(ql, x, cfg, torch.Generator().manual_seed(1))
     # activation steps: the last repeats the one before, which ends the search
-    assert len(steps) == 2 if fine_grid == 0 else 2 <= len(steps) < 50
+    assert len(steps) == 2 if (fine_grid, centred) == (0, False) else 1 <= len(steps) < 50
     ql.eval()
+
+    def sq_err(out: torch.Tensor) -> torch.Tensor:  # per output, over the rows
+        diff = ref - out
+        return (diff - diff.mean(0) if centred else diff).pow(2).sum(0)
+
     with torch.no_grad():
         w = lin.weight.detach()
         w_hat, x_hat, ref = ql.w_quantizer(w), ql.a_quantizer(x), x @ w.t()
-        chosen = (ref - x_hat @ w_hat.t()).pow(2)
+        chosen = sq_err(x_hat @ w_hat.t())
         a_s, a_z = mse_search._tensor_candidates(x, bits, cfg.eq_n)
-        act = torch.stack([(ref - fake_quant(x, a_s[c], a_z[c], qmax) @ w_hat.t()).pow(2).sum()
-                           for c in range(len(a_s))])
+        act = torch.stack([sq_err(fake_quant(x, a_s[c], a_z[c], qmax) @ w_hat.t()).sum() for c in range(len(a_s))])
         assert chosen.sum() <= act.min() * (1 + 1e-5)
         w_s, w_z = mse_search._row_candidates(w, bits, cfg.eq_n)
-        rows = torch.stack([(ref - x_hat @ fake_quant(w, w_s[:, c:c + 1], w_z[:, c:c + 1], qmax).t()).pow(2).sum(0)
+        rows = torch.stack([sq_err(x_hat @ fake_quant(w, w_s[:, c:c + 1], w_z[:, c:c + 1], qmax).t())
                             for c in range(w_s.shape[1])])  # (candidates, rows)
-        assert torch.all(chosen.sum(0) <= rows.min(0).values * (1 + 1e-5))
+        assert torch.all(chosen <= rows.min(0).values * (1 + 1e-5))
+        if centred:  # the plain objective would have chosen otherwise: the centring is not a no-op
+            plain = torch.stack([(ref - x_hat @ fake_quant(w, w_s[:, c:c + 1], w_z[:, c:c + 1], qmax).t()).pow(2).sum(0)
+                                 for c in range(w_s.shape[1])])
+            assert not torch.equal(plain.argmin(0), rows.argmin(0))
+
+
+def test_centred_scorers_equal_the_plain_error_after_bias_correction():
+    """The search's scorers with ``centred``: differences between candidates equal those of the plain
+    formula ``||(Y - Y_hat) - mean_rows(Y - Y_hat)||^2`` (the scorers drop candidate-independent terms)."""
+    from vitq.calibration import mse_search
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.gelu(torch.randn(500, 12, generator=g) * 2)
+    qmax = 15
+    for out_features in (8, 20):  # through the (in x in) Gram matrix and directly
+        w = torch.randn(out_features, 12, generator=g)
+        w_hat = fake_quant(w, torch.full((out_features, 1), 0.3), torch.full((out_features, 1), 8.0), qmax)
+        score = mse_search._activation_output_scorer(x, w, w_hat, qmax, centred=True)
+        cands = [(0.05 + 0.04 * i, float(z)) for i in range(6) for z in (0, 1, 3)]
+        got = torch.stack([score(torch.tensor(s), torch.tensor(z)) for s, z in cands]).double()
+
+        def plain(s, z):
+            diff = (x @ w.t() - fake_quant(x, torch.tensor(s), torch.tensor(z), qmax) @ w_hat.t()).double()
+            return (diff - diff.mean(0)).pow(2).sum()
+
+        ref = torch.stack([plain(s, z) for s, z in cands])
+        assert ((got - got[0]) - (ref - ref[0])).abs().max() <= 1e-5 * ref.max()
+        assert (ref - ref[0]).abs().max() > 1e-2 * ref.max()  # the candidates do differ
+    x_hat = fake_quant(x, torch.tensor(0.2), torch.tensor(1.0), qmax)
+    w = torch.randn(6, 12, generator=g)
+    rows = mse_search._row_output_scorer(x, x_hat, w, qmax, centred=True)
+    s_rows = [torch.full((6,), 0.1 + 0.05 * i) for i in range(5)]
+    z_rows = torch.full((6,), 7.0)
+    got = torch.stack([rows(s, z_rows) for s in s_rows]).double()  # (candidates, rows)
+
+    def plain_rows(s):
+        diff = (x @ w.t() - x_hat @ fake_quant(w, s[:, None], z_rows[:, None], qmax).t()).double()
+        return (diff - diff.mean(0)).pow(2).sum(0)
+
+    ref = torch.stack([plain_rows(s) for s in s_rows])
+    assert ((got - got[0]) - (ref - ref[0])).abs().max() <= 1e-5 * ref.max()
+    assert (ref - ref[0]).abs().max() > 1e-2 * ref.max()
+
+
+def test_bias_correction_cancels_each_layers_mean_output_error(images, tmp_path):
+    """With ``bias_correction`` every quantized Linear's output error on its calibration inputs has mean
+    ~0 per output (without it: not); the float model is untouched; the model saves and reloads, packs
+    and exports with the correction in it."""
+    from vitq.qmodules import QuantLinear
+
+    fp = tiny_vit()
+    q = vitq.quantize(copy.deepcopy(fp), images, "mse", w_bits=3, a_bits=3, calib_size=32, progress=False,
+                      device="cpu", calibration={"eq_n": 16, "bias_correction": True})
+    linears = {n: m for n, m in q.named_modules() if isinstance(m, QuantLinear) and m.w_quantizer is not None}
+    assert linears and all(m.bias_correction is not None for m in linears.values())
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, i, n=n: inputs.setdefault(n, i[0].detach()))
+             for n, m in linears.items()]
+    set_mode(q, QuantMode.FLOAT)
+    with torch.no_grad():
+        # the float model keeps its own biases (up to the RepQ fold's float rounding)
+        assert (q(images) - fp(images)).abs().max() < 1e-5
+    for h in hooks:
+        h.remove()
+    set_mode(q, QuantMode.QUANT)
+    mean_err = {}
+    with torch.no_grad():
+        for n, m in linears.items():
+            x = inputs[n]
+            m.mode = QuantMode.FLOAT
+            ref = m(x)
+            m.mode = QuantMode.QUANT
+            corrected = (ref - m(x)).reshape(-1, ref.shape[-1]).mean(0)
+            saved, m.bias_correction = m.bias_correction, None
+            mean_err[n] = (corrected.abs().max().item(), (ref - m(x)).reshape(-1, ref.shape[-1]).mean(0).abs().max().item())
+            m.bias_correction = saved
+    assert all(c < 1e-5 * (1 + u) for c, u in mean_err.values()), mean_err
+    assert max(u for _, u in mean_err.values()) > 1e-2, mean_err
+    with torch.no_grad():
+        out = q(images)
+    vitq.save_quantized(q, tmp_path / "m")
+    again = vitq.load_model(str(tmp_path / "m"))
+    with torch.no_grad():
+        assert torch.equal(again(images), out)
+    packed = vitq.export(q, tmp_path / "packed", format="packed")
+    with torch.no_grad():
+        assert (vitq.load_model(str(packed))(images) - out).abs().max() <= 1e-5
 
 
 def test_refined_search_lands_near_the_same_scale_whatever_the_coarse_grid():

@@ -120,11 +120,14 @@ def test_quantize_subprocess_applies_the_override_flags(tiny_vit_dir, colour_tre
     out = tmp_path / "q"
     proc = _vitq("quantize", "--model", tiny_vit_dir, "--data", colour_tree, "--recipe", "fimaq+dfq",
                  "--dfq-granularity", "head", "--iters", "3", "--alpha", "0.25", "--search-tokens", "all",
-                 "--search-samples", "4", "--fine-grid", "4", "--fine-grid-span", "2", "--out", out, *TINY_RECON)
+                 "--search-samples", "4", "--fine-grid", "4", "--fine-grid-span", "2", "--bias-correction", "--out", out,
+                 *TINY_RECON)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     cfg = report["config"]
     assert cfg["calibration"]["fine_grid"] == 4 and cfg["calibration"]["fine_grid_span"] == 2
+    assert cfg["calibration"]["bias_correction"] is True
+    assert "blocks.0.mlp.fc2.bias_correction" in _tensors(out / "model")
     assert cfg["softmax_quantizer"] == "dfq" and cfg["softmax_options"] == {"granularity": "head"}
     assert cfg["reconstruction"]["iters"] == 3 and cfg["reconstruction"]["alpha"] == 0.25
     assert cfg["reconstruction"]["rank"] == 2 and cfg["calibration"]["eq_n"] == 8 and cfg["calib_size"] == 8

@@ -90,6 +90,24 @@ def test_exact_profile_on_swin_and_a_reconstructed_dfq_model(images, tmp_path):
         _assert_reproduces(_ort_logits(tmp_path / name, images), ref)
 
 
+def test_exact_profile_carries_the_bias_correction(images, tmp_path):
+    """Calibration's bias correction reaches the graph's biases: onnxruntime reproduces the corrected
+    logits, which differ from the uncorrected ones by far more than the tolerance."""
+    q = vitq.quantize(tiny_vit(), images, "mse", w_bits=4, a_bits=4, calibration={"eq_n": 16, "bias_correction": True},
+                      **CALIB)
+    _export(q, tmp_path, "m", images)
+    with torch.no_grad():
+        ref = q(images).numpy()
+        for m in q.modules():
+            if getattr(m, "bias_correction", None) is not None:
+                m.bias_correction = None
+        uncorrected = q(images).numpy()
+    got = _ort_logits(tmp_path / "m", images)
+    _assert_reproduces(got, ref)
+    assert np.abs(uncorrected - ref).max() > 0.2 * np.abs(ref).max()  # (the tolerance is 0.05 of it)
+    assert np.median(np.abs(got - uncorrected).max(axis=1)) > 1e-3
+
+
 def test_weights_are_stored_as_codes_so_the_file_is_small(images, tmp_path):
     q8 = vitq.quantize(tiny_vit(), images, "minmax", w_bits=8, a_bits=8, **CALIB)
     q4 = vitq.quantize(tiny_vit(), images, "minmax", w_bits=4, a_bits=4, **CALIB)

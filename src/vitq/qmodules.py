@@ -59,6 +59,9 @@ class QuantLinear(QuantModule):
     output is added in ``QuantMode.QUANT`` (e.g. AIQViT's low-rank side branch); None by default.
     ``input_rotation`` (None by default) maps the input before everything else, in every mode: an
     orthogonal rotation whose inverse the weight already carries (:mod:`vitq.rotation`).
+    ``bias_correction`` (a buffer, None by default) is added to the output in ``QuantMode.QUANT`` only:
+    the mean output error of the quantized layer that calibration measured (``CalibConfig.bias_correction``);
+    the float model, and so every float reference, keeps its own bias.
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None,
@@ -71,6 +74,7 @@ class QuantLinear(QuantModule):
         self.a_quantizer = a_quantizer
         self.side: nn.Module | None = None
         self.input_rotation: nn.Module | None = None
+        self.register_buffer("bias_correction", None)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, w_quantizer: Quantizer | None,
@@ -86,8 +90,11 @@ class QuantLinear(QuantModule):
         x = self._apply_q(self.a_quantizer, self.layer_input(x), self.mode)
         w = self._apply_q(self.w_quantizer, self.weight, self.mode)
         y = F.linear(x, w, self.bias)
-        if self.side is not None and self.mode == QuantMode.QUANT:
-            y = y + self.side(x)
+        if self.mode == QuantMode.QUANT:
+            if self.side is not None:
+                y = y + self.side(x)
+            if self.bias_correction is not None:
+                y = y + self.bias_correction
         return y
 
     def extra_repr(self) -> str:

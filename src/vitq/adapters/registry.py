@@ -86,17 +86,22 @@ class ModelAdapter:
     def prepare_for_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Recreate what a saved quantized model has and ``prepare`` does not make.
 
-        The RepQ LayerNorm fold gives bias-free layers (Swin's reduction, EVA's qkv) a bias.
+        The RepQ LayerNorm fold gives bias-free layers (Swin's reduction, EVA's qkv) a bias; bias
+        correction gives linear layers a ``bias_correction`` buffer.
         """
         for key, value in state.items():
-            if not key.endswith(".bias"):
+            owner_name, _, leaf = key.rpartition(".")
+            if leaf not in ("bias", "bias_correction"):
                 continue
             try:
-                owner = model.get_submodule(key.rsplit(".", 1)[0])
+                owner = model.get_submodule(owner_name)
             except AttributeError:
                 continue  # made later by whoever owns it (e.g. a low-rank side branch)
-            if isinstance(owner, QuantModule) and getattr(owner, "bias", "absent") is None:
-                owner.bias = nn.Parameter(torch.zeros_like(value))
+            if isinstance(owner, QuantModule) and getattr(owner, leaf, "absent") is None:
+                if leaf == "bias":
+                    owner.bias = nn.Parameter(torch.zeros_like(value))
+                else:
+                    owner.bias_correction = torch.zeros_like(value)
 
 
 _ADAPTERS: dict[type[nn.Module], ModelAdapter] = {}

@@ -25,6 +25,11 @@ class CalibConfig:
     # one-level grid), over ``fine_grid_span`` coarse scales either side. Why: see ``mse_search._refined``.
     fine_grid: int = 0
     fine_grid_span: int = 1
+    # Add each linear layer's mean output error on the calibration data back as a bias in the quantized
+    # model (empirical bias correction, Nagel et al. 2019), and score the mse search's candidates on the
+    # error left after it. Why: a coherent shift of every token's output costs accuracy far beyond its
+    # share of the output MSE (post-GELU inputs whose negative values clip to 0: benchmarks/calib_heldout.md).
+    bias_correction: bool = False
     token_wise: bool = True            # expand activation scales per token after the search
     reparam: bool = True               # RepQ-ViT LayerNorm fold for post-LN inputs
     # How much data scores the search's candidates. Every calibration image by default on models the

@@ -178,8 +178,28 @@ def _calibrate_groups(model: nn.Module, groups: list[list[tuple[str, QuantModule
             _init_module(module, inputs, cfg, gen)
             if cfg.token_wise:
                 _expand_tokenwise(module, inputs)
+            if cfg.bias_correction and isinstance(module, QuantLinear):
+                correct_bias(module, inputs[0], cfg.batch_size)
             bar.update(1)
         del captured
+
+
+@torch.no_grad()
+def correct_bias(module: QuantLinear, x: torch.Tensor, batch: int) -> None:
+    """Set ``module.bias_correction`` to the mean of (float output - quantized output) over ``x``'s rows.
+
+    Fed ``batch`` leading entries at a time, in their captured shape (token-wise scales need it).
+    """
+    mode, module.bias_correction = module.mode, None
+    total = torch.zeros(module.out_features, dtype=torch.float64, device=x.device)
+    for part in x.split(batch):
+        module.mode = QuantMode.FLOAT
+        diff = module(part)
+        module.mode = QuantMode.QUANT
+        diff = (diff - module(part)).reshape(-1, module.out_features)
+        total += diff.double().sum(0)
+    module.mode = mode
+    module.bias_correction = (total / (x.numel() // x.shape[-1])).to(module.weight.dtype)
 
 
 @torch.no_grad()

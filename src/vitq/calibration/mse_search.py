@@ -144,26 +144,65 @@ def _best_tensor_self(x: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, 
     return _pick(lambda s, z: quant_sq_error(x, s[0], z[0], qmax), scales[None], zps[None], bits, *refine)
 
 
-def _activation_output_scorer(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor, qmax: int
-                              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _activation_output_scorer(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor, qmax: int,
+                              centred: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``score(s, z) = ||x W^T - Q_{s,z}(x) W_hat^T||^2`` for a per-tensor input candidate (s, z).
 
     Written through the errors, ``R = x (W - W_hat)^T`` and ``E = Q(x) - x``:
     ``||R - E W_hat^T||^2 = ||R||^2 - 2<R W_hat, E> + <E W_hat^T W_hat, E>``. Every term is
     of the size of the error itself (no cancellation in float32), and a candidate costs
-    ``N * in * min(in, out)`` instead of ``N * in * out``.
+    ``N * in * min(in, out)`` instead of ``N * in * out``. ``centred``: the error left once each
+    output's mean error over the N rows is added back (bias correction): minus ``N ||mean(R - E W_hat^T)||^2``.
     """
     r = x @ (w - w_hat).t()
     use_gram = w.shape[1] <= w.shape[0]  # in <= out: go through the (in x in) Gram matrix
     if use_gram:
         gram = w_hat.t() @ w_hat
         rw = r @ w_hat
+    r_mean = r.mean(0)
 
     def score(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         e = quant_error(x, s, z, qmax)
-        if use_gram:
-            return ((e @ gram) * e).sum() - 2 * (rw * e).sum()
-        return (r - e @ w_hat.t()).pow(2).sum()
+        err = ((e @ gram) * e).sum() - 2 * (rw * e).sum() if use_gram else (r - e @ w_hat.t()).pow(2).sum()
+        if centred:
+            shift = r_mean - e.mean(0) @ w_hat.t()
+            err = err - len(x) * shift.dot(shift)
+        return err
+
+    return score
+
+
+def _row_output_scorer(x: torch.Tensor, x_hat: torch.Tensor | None, w: torch.Tensor, qmax: int,
+                       centred: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``score(s, z)``: per output row o of ``w`` (R, K), ``||x w_o - x_hat Q_{s_o,z_o}(w_o)||^2`` up to a
+    per-row constant, for one candidate per row (each (R,)); ``x_hat`` None: the input is not quantized.
+
+    Through the errors d = w_hat - w and r = (x - x_hat) w (fixed in this step):
+    ||x w - x_hat w_hat||^2 = ||r||^2 - 2 r^T x_hat d + d^T x_hat^T x_hat d. The constant ||r||^2 is
+    dropped and the other terms are of the size of the weight error itself, so float32 resolves them
+    (the expanded form, const - 2 w x^T x_hat w_hat + w_hat x_hat^T x_hat w_hat, cancels: it needed
+    float64 at twice the cost). Sums in float64, once. ``centred``: the error left once each row's mean
+    error over the N inputs is added back (bias correction): the mean is r_mean - x_hat_mean . d, so
+    minus N mean^2 is, dropping N r_mean^2, - N (x_hat_mean . d)^2 + 2 N r_mean (x_hat_mean . d).
+    """
+    x64 = x.double()
+    xh64 = x_hat.double() if x_hat is not None else x64
+    gram = (xh64.t() @ xh64).float()
+    cross = (w.double() @ ((x64 - xh64).t() @ xh64)).float() if x_hat is not None else None
+    if centred:
+        x_hat_mean = xh64.mean(0)
+        r_mean = (w.double() @ (x64.mean(0) - x_hat_mean)).float()
+        x_hat_mean = x_hat_mean.float()
+
+    def score(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        d = quant_error(w, s[:, None], z[:, None], qmax)
+        err = ((d @ gram) * d).sum(1)
+        if cross is not None:
+            err = err - 2 * (cross * d).sum(1)
+        if centred:
+            proj = d @ x_hat_mean
+            err = err - len(x) * proj * (proj - 2 * r_mean)
+        return err
 
     return score
 
@@ -201,22 +240,8 @@ def search_linear_mse(module: QuantLinear, x: torch.Tensor, cfg: CalibConfig, ge
     last_act: tuple[torch.Tensor, torch.Tensor] | None = None
     for _ in range(cfg.search_rounds if row_search else min(1, cfg.search_rounds)):
         if row_search:
-            # Per row, through the errors d = w_hat - w and r = (X - X_hat) w (fixed in this step):
-            # ||X w - X_hat w_hat||^2 = ||r||^2 - 2 r^T X_hat d + d^T X_hat^T X_hat d. The constant
-            # ||r||^2 is dropped and the other terms are of the size of the weight error itself, so
-            # float32 resolves them (the expanded form, const - 2 w X^T X_hat w_hat + w_hat X_hat^T
-            # X_hat w_hat, cancels: it needed float64 at twice the cost). Sums in float64, once.
-            x64 = x2d.double()
-            x_hat = aq(x2d).double() if aq is not None else x64
-            gram = (x_hat.t() @ x_hat).float()
-            cross = (w2d.double() @ ((x64 - x_hat).t() @ x_hat)).float() if aq is not None else None
-            qmax = wq.quant_range()[1]
-
-            def row_errors(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-                d = quant_error(w2d, s[:, None], z[:, None], qmax)
-                err = ((d @ gram) * d).sum(1)
-                return err if cross is None else err - 2 * (cross * d).sum(1)
-
+            row_errors = _row_output_scorer(x2d, aq(x2d) if aq is not None else None, w2d, wq.quant_range()[1],
+                                            cfg.bias_correction)
             chosen = _pick(row_errors, w_s, w_z, wq.bits, *refine)
             if last_rows is not None and all(torch.equal(a, b) for a, b in zip(chosen, last_rows)):
                 break
@@ -224,7 +249,7 @@ def search_linear_mse(module: QuantLinear, x: torch.Tensor, cfg: CalibConfig, ge
             wq.set_params(chosen[0][:, None], chosen[1][:, None])
         if aq is not None:
             w_hat = wq(w).reshape_as(w2d) if wq is not None else w2d
-            score = _activation_output_scorer(xs, w2d, w_hat, aq.quant_range()[1])
+            score = _activation_output_scorer(xs, w2d, w_hat, aq.quant_range()[1], cfg.bias_correction)
             chosen = _pick(lambda s, z: score(s[0], z[0]), a_s[None], a_z[None], aq.bits, *refine)
             aq.set_params(*chosen)
             if last_act is not None and all(torch.equal(a, b) for a, b in zip(chosen, last_act)):

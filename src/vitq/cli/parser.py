@@ -16,6 +16,9 @@ DEMO_BITS = 4
 DEMO_BUDGET = {"calib_size": 128, "reconstruction": {"iters": 200, "optim_size": 512}}
 
 
+# CalibConfig fields the quantize command sets by their own flags (--eq-n, ...)
+CALIB_FLAGS = ("eq_n", "search_rounds", "fine_grid", "fine_grid_span", "bias_correction")
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -85,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="mse search: scales of a finer second grid around each linear-layer winner (0: off)")
     p_q.add_argument("--fine-grid-span", type=int, default=None,
                      help="mse search: coarse scales either side of the winner that the finer grid covers (default 1)")
+    p_q.add_argument("--bias-correction", action="store_true", default=None,
+                     help="add each linear layer's mean output error on the calibration data back as a bias, "
+                          "and score the mse search on the error left (default off)")
     p_q.add_argument("--search-tokens", type=_count_or_all, default=None,
                      help="mse search: linear-input rows that score candidates, N or 'all' (default 16384)")
     p_q.add_argument("--search-samples", type=_count_or_all, default=None,
@@ -245,8 +251,7 @@ def recipe_from_args(args: argparse.Namespace):
         recon["batch_size"] = args.recon_batch_size
     aiq = {k: getattr(args, k) for k in AIQ_FLAGS if getattr(args, k) is not None}
     refine = {k: getattr(args, f"refine_{k}") for k in REFINE_FLAGS if getattr(args, f"refine_{k}") is not None}
-    calibration = {k: getattr(args, k) for k in ("eq_n", "search_rounds", "fine_grid", "fine_grid_span")
-                   if getattr(args, k) is not None}
+    calibration = {k: getattr(args, k) for k in CALIB_FLAGS if getattr(args, k) is not None}
     if args.compile_kernels is not None:  # one switch for every stage the recipe has
         calibration["compile_kernels"] = args.compile_kernels
         if base.reconstruction is not None:

@@ -119,7 +119,11 @@ class _ExportLinear(nn.Module):
     def __init__(self, linear: QuantLinear, a_marker: nn.Module | None, w_marker: nn.Module | None) -> None:
         super().__init__()
         self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
-        self.bias = linear.bias
+        bias = linear.bias
+        if linear.bias_correction is not None:  # calibration's bias correction: one bias in the graph
+            bias = nn.Parameter((linear.bias_correction if bias is None else bias + linear.bias_correction).detach(),
+                                requires_grad=False)
+        self.bias = bias
         self.a_marker, self.w_marker, self.side = a_marker, w_marker, linear.side
         self.input_rotation = linear.input_rotation  # a float MatMul before the quantized one
 

@@ -48,7 +48,7 @@ def _config_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append((label, config[key]))
     calib = config.get("calibration") or {}
     if calib:
-        shown = ("method", "eq_n", "search_rounds", "fine_grid", "fine_grid_span")
+        shown = ("method", "eq_n", "search_rounds", "fine_grid", "fine_grid_span", "bias_correction")
         rows.append(("calibration", ", ".join(f"{k}={calib[k]}" for k in shown if k in calib)))
     recon = config.get("reconstruction")
     if isinstance(recon, dict):
