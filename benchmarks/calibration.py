@@ -43,7 +43,10 @@ BITS = (8, 6, 4, 3)
 EVAL_BATCH = 100  # the CLI's default evaluation batch
 FORMAT = 2        # results file: one cell per (recipe, bits, calibration subset)
 # The mse search's subsampling before this version (kept to measure what the change bought)
-SEARCH_BEFORE = {"max_search_tokens": 2048, "max_search_samples": 16, "max_search_elements": None}
+SEARCH_BEFORE = {"max_search_tokens": 2048, "max_search_samples": 16, "max_search_elements": None,
+                 "bias_correction": False}
+# The mse recipe before bias correction became its default (the cells measured then carry this tag)
+TAGS = {"": {}, "before": SEARCH_BEFORE, "no-bc": {"bias_correction": False}}
 
 
 def imagenet_sample(path: Path, model: torch.nn.Module) -> torch.Tensor:
@@ -130,15 +133,19 @@ def write_outputs(out: Path, results: dict) -> None:
         lines += recipe_table(results, "cifar10_swin")
     before = {b: _cells(results, "mse", b, "before") for b in (4, 3)}
     if any(before.values()):
-        lines += ["", "## The mse search's data: a subsample (before) or every calibration image (now)", "",
-                  "Until this version the search scored activation candidates on a random 2,048 of the linear "
+        lines += ["", "## The mse recipe's defaults, then and now", "",
+                  "Until the core redesign the search scored activation candidates on a random 2,048 of the linear "
                   "layers' input rows and matmul candidates on 16 of the 128 images (`max_search_tokens=2048`, "
-                  "`max_search_samples=16`), a random draw on top of the choice of calibration images; today it "
-                  "scores them on all of them (up to caps that only bite on full-size models). The same subsets "
-                  "with the old setting (tag `before` in the JSON) and with today's default:", "",
-                  "| setting | W4A4 mean ± sd | W4A4 spread | W3A3 mean ± sd | W3A3 spread | calib s (W4A4) |",
+                  "`max_search_samples=16`), a random draw on top of the choice of calibration images; since then it "
+                  "scores them on all of them (up to caps that only bite on full-size models). Since this version "
+                  "the `mse` recipe also corrects each linear layer's bias (`bias_correction`: the mean output error "
+                  "on the calibration images added back, the search scoring what is left; calib_heldout.md). The "
+                  "same subsets with each setting (tags `before` and `no-bc` in the JSON) and with today's default:",
+                  "", "| setting | W4A4 mean ± sd | W4A4 spread | W3A3 mean ± sd | W3A3 spread | calib s (W4A4) |",
                   "|---|---|---|---|---|---|"]
-        for tag, label in (("before", "16 images / 2,048 rows (before)"), ("", "every image and row (default)")):
+        for tag, label in (("before", "16 images / 2,048 rows, no bias correction"),
+                           ("no-bc", "every image and row, no bias correction"),
+                           ("", "every image and row, bias correction (default)")):
             row = [label]
             for b in (4, 3):
                 tops = [c["quant_top1"] for c in _cells(results, "mse", b, tag)]
@@ -193,8 +200,9 @@ def main() -> None:
     ap.add_argument("--subsets", type=int, default=5, help="calibration subsets (seeds 0..N-1) per cell")
     ap.add_argument("--model", choices=("cifar10_vit", "cifar10_swin"), default="cifar10_vit",
                     help="the reference model of part 1")
-    ap.add_argument("--tag", choices=("", "before"), default="",
-                    help="'before': the mse search's old subsampling (16 images / 2,048 rows), for the comparison")
+    ap.add_argument("--tag", choices=list(TAGS), default="",
+                    help="'before': the mse search's old subsampling (16 images / 2,048 rows); 'no-bc': the mse "
+                         "recipe without bias correction (its default before); for the comparison")
     args = ap.parse_args()
     out_json = args.out / "calibration.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {"cells": {}}
@@ -216,7 +224,7 @@ def main() -> None:
         if args.model != "cifar10_vit" and args.model not in by_model:
             by_model[args.model] = evaluate(fp_model, loader, progress=False)["top1"]
         results["subsets"] = max(results.get("subsets", 1), args.subsets)
-        search = SEARCH_BEFORE if args.tag == "before" else {}
+        search = TAGS[args.tag]
         for seed in range(args.subsets):
             calib = vitq.calibration_images(fp_model, "cifar10", 128, seed=seed)
             for bits in args.bits:

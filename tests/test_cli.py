@@ -242,6 +242,18 @@ def test_the_compile_switch_reaches_every_stage_the_recipe_has():
     assert default.calibration.compile_kernels == default.reconstruction.compile_kernels == "auto"
 
 
+def test_bias_correction_is_the_mse_recipes_default_and_a_switch_both_ways():
+    from vitq.cli import build_parser, recipe_from_args
+
+    def recipe(*flags):
+        return recipe_from_args(build_parser().parse_args(["quantize", "--model", "m", "--data", "d", *flags]))
+
+    assert recipe("--recipe", "mse").calibration.bias_correction is True
+    assert recipe("--recipe", "mse", "--no-bias-correction").calibration.bias_correction is False
+    assert recipe("--recipe", "fimaq").calibration.bias_correction is False
+    assert recipe("--recipe", "fimaq", "--bias-correction").calibration.bias_correction is True
+
+
 def test_snapshot_images_flag_reaches_the_reconstruction_and_bad_values_are_one_line():
     from vitq.cli import build_parser, recipe_from_args
 

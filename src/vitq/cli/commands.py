@@ -84,7 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     r = recipe.reconstruction
     what = ("the shipped reference ViT (cifar10_vit) on the 10,000 CIFAR-10 test images"
             if (args.model, args.data, args.limit) == ("cifar10_vit", "cifar10", None) else f"{args.model} on {args.data}")
-    print(f"vitq demo: {what}, FP32 vs W{DEMO_BITS}/A{DEMO_BITS}: FIMA-Q's calibration ('mse'), then FIMA-Q block "
+    print(f"vitq demo: {what}, FP32 vs W{DEMO_BITS}/A{DEMO_BITS}: FIMA-Q's mse calibration, then FIMA-Q block "
           f"reconstruction (DPLR Fisher loss, k={r.rank}) with a CPU budget of {r.iters} iterations per block and "
           f"{r.optim_size} optimisation images (the paper uses 20,000 and 1024)", flush=True)
     with stage(stages, "load", device):

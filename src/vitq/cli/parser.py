@@ -88,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="mse search: scales of a finer second grid around each linear-layer winner (0: off)")
     p_q.add_argument("--fine-grid-span", type=int, default=None,
                      help="mse search: coarse scales either side of the winner that the finer grid covers (default 1)")
-    p_q.add_argument("--bias-correction", action="store_true", default=None,
+    p_q.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
                      help="add each linear layer's mean output error on the calibration data back as a bias, "
-                          "and score the mse search on the error left (default off)")
+                          "and score the mse search on the error left (default: the recipe's)")
     p_q.add_argument("--search-tokens", type=_count_or_all, default=None,
                      help="mse search: linear-input rows that score candidates, N or 'all' (default 16384)")
     p_q.add_argument("--search-samples", type=_count_or_all, default=None,
