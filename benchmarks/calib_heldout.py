@@ -24,8 +24,9 @@ stopped run resumes; the summary is written from whatever is cached):
     python benchmarks/calib_heldout.py --summarise
 
 The same with ``--calib-size 512`` (512 images per subset), ``--rotation hadamard`` (the mse recipe
-with rotated linear inputs) or ``--refine r32s2`` (the search's finer second grid, see calib_grid.py)
-measures those settings on the same held-out images. A setting summarised earlier whose cells are
+with rotated linear inputs), ``--refine r32s2`` (the search's finer second grid, see calib_grid.py) or
+``--refine bc`` (bias correction, the `mse` recipe's default since it was measured here) measures those
+settings on the same held-out images; every ``--refine`` setting names ``bias_correction``. A setting summarised earlier whose cells are
 not cached in --work keeps its rows from the earlier calib_heldout.json.
 """
 
@@ -79,9 +80,11 @@ def loaders(fp: torch.nn.Module) -> dict:
 
 ROTATIONS = ("none", "hadamard")  # the mse recipe as it is, and with rotated linear inputs (vitq.rotation)
 # the mse search's finer second grid around each winner (CalibConfig.fine_grid / fine_grid_span), by name
-REFINES = {"off": {"fine_grid": 0}, "r16": {"fine_grid": 16, "fine_grid_span": 1},
-           "r32s2": {"fine_grid": 32, "fine_grid_span": 2}, "bc": {"bias_correction": True},
-           "r32s2bc": {"fine_grid": 32, "fine_grid_span": 2, "bias_correction": True}}
+# (every setting names bias_correction: the mse recipe's default changed from off to on after "off" ran)
+REFINES = {"off": {"fine_grid": 0, "bias_correction": False},
+           "r16": {"fine_grid": 16, "fine_grid_span": 1, "bias_correction": False},
+           "r32s2": {"fine_grid": 32, "fine_grid_span": 2, "bias_correction": False},
+           "bc": {"fine_grid": 0, "bias_correction": True}}
 
 
 def cell_path(work: Path, bits: int, seed: int, size: int, rotation: str = "none", refine: str = "off") -> Path:
@@ -214,7 +217,8 @@ def summarise(work: Path, out: Path) -> None:
     lines = ["# Calibration spread without the evaluation noise", "", f"Command: `{results['command']}`", "",
              "`cifar10_vit`, `mse` calibrated on 5 subsets of the training split (seeds 0..4; 128 images, as in "
              "benchmarks/calibration.md, and 512, tried as a default; seed s's 128 "
-             "lie inside its 512), each model scored on the 10,000 test images and on "
+             "lie inside its 512); rows without `+bc` ran without bias correction, the `mse` recipe's default "
+             "then (`+bc`: with it, its default now). Each model scored on the 10,000 test images and on "
              f"{results['heldout_images']:,} training images outside every subset of every size (*held-out*). "
              "*Observed spread*: max - min of the 5 top-1s. "
              "*Noise spread*: the max - min that evaluation noise alone gives 5 equally good models on these images "
@@ -224,7 +228,9 @@ def summarise(work: Path, out: Path) -> None:
              "process, two processes side by side, so the seconds run high; the machine is in the JSON.", "",
              "*p(noise)*: how often noise alone gives 5 equally good models an observed spread this large "
              "(simulated).", "",
-             "| images (+ rotation) | bits | scored on | top-1 per seed | mean | observed spread | noise spread of 5 | p(noise) | "
+             "Settings: images per subset, + rotation, + calibration overrides by name (`--refine`: r32s2 = "
+             f"{overrides_label('r32s2')}; bc = {overrides_label('bc')}).", "",
+             "| images (+ setting) | bits | scored on | top-1 per seed | mean | observed spread | noise spread of 5 | p(noise) | "
              "true sd | expected true spread of 5 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for size, per_bits in results["sizes"].items():
         for key, r in per_bits.items():
@@ -233,7 +239,7 @@ def summarise(work: Path, out: Path) -> None:
                 ids = r.get("seed_ids", list(SEEDS))
                 tops = " / ".join(f"{a:.2f}" for a in s["top1"]) if len(ids) == len(SEEDS) else \
                     " / ".join(f"s{i} {a:.2f}" for i, a in zip(ids, s["top1"]))
-                lines.append(f"| {size} | {key.upper()} | {label} | {tops} | "
+                lines.append(f"| {size.replace('+refine-', '+')} | {key.upper()} | {label} | {tops} | "
                              f"{s['mean']:.2f} | {s['spread']:.2f} | {s['expected_noise_spread_of_5']:.2f} | "
                              f"{s['p_noise_alone']:.3f} | {s['true_sd']:.2f} (var {s['true_var']:+.3f}) | "
                              f"{s['expected_true_spread_of_5']:.2f} |")
@@ -310,7 +316,7 @@ def main() -> None:
         for c in args.cells:
             bits, seed = map(int, c.split(":"))
             run_cell(fp, loads, bits, seed, args.work, args.calib_size, args.rotation,
-                     calibration=REFINES[args.refine] if args.refine != "off" else None,
+                     calibration=REFINES[args.refine],
                      path=cell_path(args.work, bits, seed, args.calib_size, args.rotation, args.refine))
     summarise(args.work, args.out)
 
