@@ -178,7 +178,8 @@ def _calibrate_groups(model: nn.Module, groups: list[list[tuple[str, QuantModule
             _init_module(module, inputs, cfg, gen)
             if cfg.token_wise:
                 _expand_tokenwise(module, inputs)
-            if cfg.bias_correction and isinstance(module, QuantLinear):
+            if cfg.bias_correction and isinstance(module, QuantLinear) and (
+                    module.w_quantizer is not None or module.a_quantizer is not None):
                 correct_bias(module, inputs[0], cfg.batch_size)
             bar.update(1)
         del captured

@@ -14,10 +14,9 @@ from ..recipes import recipe_names
 DEMO_RECIPE = "fimaq"
 DEMO_BITS = 4
 DEMO_BUDGET = {"calib_size": 128, "reconstruction": {"iters": 200, "optim_size": 512}}
-
-
 # CalibConfig fields the quantize command sets by their own flags (--eq-n, ...)
 CALIB_FLAGS = ("eq_n", "search_rounds", "fine_grid", "fine_grid_span", "bias_correction")
+
 
 def _positive_int(text: str) -> int:
     try:
