@@ -119,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _write_json(out / "report.json", report)
     recon_s = sum(b["seconds"] for b in report["reconstruction_blocks"] or [])
     rows = [("FP32", "32", "32", fp["top1"], fp["top5"], "-"),
-            ("mse calibration", str(recipe.w_bits), str(recipe.a_bits), cal["top1"], cal["top5"],
+            ("FIMA-Q calibration", str(recipe.w_bits), str(recipe.a_bits), cal["top1"], cal["top5"],
              f"{result.calibration['seconds']:.0f}"),
             ("+ FIMA-Q reconstruction", str(recipe.w_bits), str(recipe.a_bits), qres["top1"], qres["top5"],
              f"{recon_s:.0f}")]
