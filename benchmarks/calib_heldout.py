@@ -26,8 +26,9 @@ stopped run resumes; the summary is written from whatever is cached):
 The same with ``--calib-size 512`` (512 images per subset), ``--rotation hadamard`` (the mse recipe
 with rotated linear inputs), ``--refine r32s2`` (the search's finer second grid, see calib_grid.py) or
 ``--refine bc`` (bias correction, the `mse` recipe's default since it was measured here) measures those
-settings on the same held-out images; every ``--refine`` setting names ``bias_correction``. A setting summarised earlier whose cells are
-not cached in --work keeps its rows from the earlier calib_heldout.json.
+settings on the same held-out images; every ``--refine`` setting names ``bias_correction`` (``--refine``
+is a historical name: it selects CalibConfig overrides, not only finer grids). A setting summarised
+earlier whose cells are not cached in --work keeps its rows from the earlier calib_heldout.json.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def loaders(fp: torch.nn.Module) -> dict:
 
 
 ROTATIONS = ("none", "hadamard")  # the mse recipe as it is, and with rotated linear inputs (vitq.rotation)
-# the mse search's finer second grid around each winner (CalibConfig.fine_grid / fine_grid_span), by name
-# (every setting names bias_correction: the mse recipe's default changed from off to on after "off" ran)
+# CalibConfig overrides by name: the mse search's finer second grid around each winner (fine_grid /
+# fine_grid_span) and bias correction; every setting names bias_correction, since the mse recipe's
+# default changed from off to on after "off", "r16" and "r32s2" ran
 REFINES = {"off": {"fine_grid": 0, "bias_correction": False},
            "r16": {"fine_grid": 16, "fine_grid_span": 1, "bias_correction": False},
            "r32s2": {"fine_grid": 32, "fine_grid_span": 2, "bias_correction": False},

@@ -159,7 +159,7 @@ def _activation_output_scorer(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Ten
     if use_gram:
         gram = w_hat.t() @ w_hat
         rw = r @ w_hat
-    r_mean = r.mean(0)
+    r_mean = r.mean(0) if centred else None
 
     def score(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         e = quant_error(x, s, z, qmax)
