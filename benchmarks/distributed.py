@@ -4,6 +4,7 @@
     python benchmarks/distributed.py --layouts 2x1     # one of them
     python benchmarks/distributed.py --layouts --memory  # the memory formula only (minutes)
     python benchmarks/distributed.py --layouts --iteration  # one block's iteration per layout, profiled
+    python benchmarks/distributed.py --layouts --phases     # the reconstruction stage by phase per layout
 
 Each layout runs the CLI exactly as a user would, ``cifar10_vit`` W3A3 ``fimaq`` at 500 iterations
 per block, seed 0, evaluated on the 10,000 CIFAR-10 test images:
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -99,23 +101,37 @@ print(json.dumps({"rss_before_mb": rss, "peak_mb": _peak_rss_mb()}))
 
 
 ITERATION = """
-import copy, json, statistics, sys, time, torch
+import copy, json, os, statistics, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 import speed  # benchmarks/speed.py: the minmax-calibrated cifar10_vit block it times
+from dataclasses import replace
 from torch.profiler import ProfilerActivity, profile
+import vitq
 from vitq import distributed
 from vitq.quantizers.kernels import compiled_kernels
-from vitq.reconstruction import ReconConfig, reconstruct_block
+from vitq.reconstruction import reconstruct_block
 iters = int(sys.argv[2])
+summing = []  # seconds inside each gradient all-reduce, waiting for the other rank included
+plain_sum = distributed.sum_grads_
+def timed_sum(params, what="a sum"):
+    t0 = time.perf_counter()
+    if not os.environ.get("SKIP_GRAD_SUM"):  # the bound: what a step costs with a free all-reduce
+        plain_sum(params, what)
+    summing.append(time.perf_counter() - t0)
+distributed.sum_grads_ = timed_sum
 device = distributed.init_from_env(torch.device("cpu"))
+# the fimaq recipe's block loss (DPLR Fisher); its snapshots over 32 images, so the profiled
+# steps are the iteration itself (the median step leaves the snapshot steps out anyway)
+cfg = replace(vitq.get_recipe("fimaq", w_bits=3, a_bits=3).reconstruction, snapshot_images=32)
 with distributed.active(), compiled_kernels():
     model, name, x, targets = speed.block_setup("cifar10_vit")
     def run(n, on_step=None):
         m = copy.deepcopy(model)
-        reconstruct_block(m, name, m.get_submodule(name), x, x, targets, ReconConfig(loss="mse", iters=n),
+        reconstruct_block(m, name, m.get_submodule(name), x, x, targets, replace(cfg, iters=n),
                           device, torch.Generator().manual_seed(0), progress=False, on_step=on_step)
     run(3)  # compiles
     stamps = []
+    summing.clear()
     # recorded from the second step on: the block's setup (float targets) and first step are left out
     with profile(activities=[ProfilerActivity.CPU], acc_events=True,
                  schedule=torch.profiler.schedule(wait=0, warmup=1, active=iters - 3, repeat=1)) as prof:
@@ -125,22 +141,27 @@ with distributed.active(), compiled_kernels():
     for e in prof.key_averages():
         ops[e.key] = ops.get(e.key, 0.0) + e.self_cpu_time_total / 1e6
     total = sum(ops.values())
-    groups = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "qdrop draws": ("aten::uniform_",),
-              "all-reduce": ("gloo:all_reduce", "c10d::allreduce_", "record_param_comms")}
+    groups = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "qdrop draws": ("aten::uniform_", "aten::random_")}
     shares = {g: sum(v for k, v in ops.items() if k in keys) / total for g, keys in groups.items()}
     shares["fused fake-quant kernels"] = sum(v for k, v in ops.items() if "CompiledFxGraph" in k) / total
-    out = distributed.gather_objects({"step_s": step, "shares": shares})
+    out = distributed.gather_objects({"step_s": step, "shares": shares,
+                                      "grad_sum_s": statistics.median(summing) if summing else 0.0})
     if distributed.is_main():
         print("RESULT " + json.dumps(out))
 distributed.shutdown()
 """
 
+# the iteration's layouts: the three of the table and a bound that is not a valid run (two ranks
+# whose gradients are not summed: what a step would cost if the all-reduce were free)
+ITERATION_LAYOUTS = {**{k: (v, {}) for k, v in LAYOUTS.items()}, "2x1 no all-reduce": ((2, 1), {"SKIP_GRAD_SUM": "1"})}
 
-def measure_iteration(layout: str, iters: int = 40) -> dict:
-    """One reconstruction iteration of cifar10_vit blocks.1 (batch 32, compiled kernels) in ``layout``:
-    the median step time of each rank and where the profiled time goes."""
-    procs, threads = LAYOUTS[layout]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
+
+def measure_iteration(layout: str, iters: int = 60) -> dict:
+    """One reconstruction iteration of cifar10_vit blocks.1 (batch 32, compiled kernels, the fimaq
+    loss) in ``layout``: the median step time of each rank, the median time inside the gradient
+    all-reduce and where the profiled time goes."""
+    (procs, threads), extra = ITERATION_LAYOUTS[layout]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src"), **extra}
     script = ["-c", ITERATION, str(HERE), str(iters)]
     if procs == 1:
         argv = [sys.executable, *script]
@@ -154,6 +175,69 @@ def measure_iteration(layout: str, iters: int = 40) -> dict:
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"{layout} iteration failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return {"ranks": json.loads(line[len("RESULT "):]), "iters": iters}
+
+
+PHASES = """
+import collections, json, sys, time, torch
+from dataclasses import replace
+import vitq
+from vitq import distributed
+from vitq.adapters import prepare
+from vitq.calibration import CalibConfig, calibrate
+from vitq.reconstruction import reconstruct
+import vitq.reconstruction.block as block_module
+import vitq.reconstruction.engine as engine_module
+seconds = collections.defaultdict(float)
+def timed(module, name, key):
+    fn = getattr(module, name)
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            seconds[key] += time.perf_counter() - t0
+    setattr(module, name, wrapper)
+timed(engine_module, "_block_inputs", "block inputs")
+timed(engine_module, "float_block_outputs", "float outputs")
+timed(engine_module, "reconstruct_block", "blocks")
+timed(block_module, "refresh_snapshots", "Fisher snapshots")
+device = distributed.init_from_env(torch.device("cpu"))
+with distributed.active():
+    model = vitq.load_model("cifar10_vit")
+    recipe = vitq.get_recipe("fimaq", w_bits=3, a_bits=3)
+    images = vitq.calibration_images(model, "cifar10", recipe.reconstruction.optim_size, seed=0)
+    prepare(model, recipe.quant_spec())
+    calibrate(model, images[:128], CalibConfig(method="minmax"), "cpu", progress=False)  # fast: not timed
+    t0 = time.perf_counter()
+    reconstruct(model, images, replace(recipe.reconstruction, iters=int(sys.argv[1])), device, progress=False)
+    seconds["reconstruction"] = time.perf_counter() - t0
+    seconds["iterations and checks"] = seconds["blocks"] - seconds["Fisher snapshots"]
+    out = distributed.gather_objects(dict(seconds))
+    if distributed.is_main():
+        print("RESULT " + json.dumps(out))
+distributed.shutdown()
+"""
+
+
+def measure_phases(layout: str, iters: int = 100) -> dict:
+    """The fimaq reconstruction of cifar10_vit (1024 images, ``iters`` per block, minmax
+    calibration) in ``layout``, its seconds split by phase: Fisher snapshots (5 per block), block
+    inputs, float outputs, the iterations with the before/after checks."""
+    procs, threads = LAYOUTS[layout]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
+    if procs == 1:
+        argv = [sys.executable, "-c", PHASES, str(iters)]
+    else:
+        worker = ROOT / "runs" / "phases_worker.py"
+        worker.parent.mkdir(parents=True, exist_ok=True)
+        worker.write_text(PHASES)
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
+                str(worker), str(iters)]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{layout} phases failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return {"ranks": json.loads(line[len("RESULT "):]), "iters": iters}
 
 
@@ -230,20 +314,42 @@ def summarise(r: dict) -> str:
                              f"| {a['largest_block']} |")
     its = r.get("iteration")
     if its:
-        one = its.get("1x1", {}).get("ranks", [{}])[0].get("step_s")
+        def step_ms(row: dict) -> float:  # the median over the runs of the slowest rank's median step
+            return 1e3 * statistics.median(max(rk["step_s"] for rk in run["ranks"]) for run in row["runs"])
+        one, two = (step_ms(its[k]) if k in its else None for k in ("1x1", "1x2"))
         lines += ["", "## One reconstruction iteration", "",
-                  "`cifar10_vit` blocks.1, global batch 32, compiled kernels, QDrop on (`python benchmarks/distributed.py "
-                  "--layouts --iteration`): the median step of each rank, and rank 0's profiled time of the steps by "
-                  "kind (self CPU time).", "",
-                  "| layout | step ms per rank | vs 1x1 | matmul | QDrop draws | fused fake-quant | all-reduce |",
-                  "|---|---|---|---|---|---|---|"]
+                  "`cifar10_vit` blocks.1, global batch 32, the fimaq loss, compiled kernels, QDrop on "
+                  f"(`python benchmarks/distributed.py --layouts --iteration`; machine: {r.get('iteration_machine')}): "
+                  "each layout run "
+                  f"{len(next(iter(its.values()))['runs'])} times, alternating; the median over the runs of the slowest "
+                  "rank's median step, the median time a step spends in the gradient all-reduce (waiting for the "
+                  "other rank included), and rank 0's profiled time by kind (self CPU time, the first run). "
+                  "`2x1 no all-reduce` is not a valid run: two ranks that skip the gradient sum, the step's cost "
+                  "if the all-reduce were free.", "",
+                  "| layout | step ms | vs 1x1 | vs 1x2 | in the all-reduce ms | matmul | QDrop draws | "
+                  "fused fake-quant |", "|---|---|---|---|---|---|---|---|"]
         for name, row in its.items():
-            steps = [rk["step_s"] for rk in row["ranks"]]
-            sh = row["ranks"][0]["shares"]
-            lines.append(f"| {name} | {' / '.join(f'{1e3 * t:.1f}' for t in steps)} | "
-                         f"{one / max(steps):.2f}x | {100 * sh['matmul']:.0f}% | {100 * sh['qdrop draws']:.0f}% | "
-                         f"{100 * sh['fused fake-quant kernels']:.0f}% | {100 * sh['all-reduce']:.1f}% |"
-                         if one else f"| {name} | {steps} | - | - | - | - | - |")
+            ms = step_ms(row)
+            first = row["runs"][0]["ranks"][0]
+            sh = first["shares"]
+            grad = statistics.median(rk["grad_sum_s"] for run in row["runs"] for rk in run["ranks"])
+            lines.append(f"| {name} | {ms:.1f} | {one / ms:.2f}x | {two / ms:.2f}x | {1e3 * grad:.1f} | "
+                         f"{100 * sh['matmul']:.0f}% | {100 * sh['qdrop draws']:.0f}% | "
+                         f"{100 * sh['fused fake-quant kernels']:.0f}% |" if one and two else f"| {name} | {ms:.1f} |")
+    phases = r.get("phases")
+    if phases:
+        keys = ("Fisher snapshots", "block inputs", "float outputs", "iterations and checks")
+        base = phases.get("1x2", {}).get("ranks", [{}])[0].get("reconstruction")
+        lines += ["", "## The reconstruction stage by phase", "",
+                  f"fimaq on `cifar10_vit`, 1024 images, {next(iter(phases.values()))['iters']} iterations per block, "
+                  "minmax calibration (`python benchmarks/distributed.py --layouts --phases`): rank 0's seconds.", "",
+                  "| layout | reconstruction s | vs 1x2 | " + " | ".join(keys) + " |",
+                  "|---|---|---|" + "---|" * len(keys)]
+        for name, row in phases.items():
+            p0 = row["ranks"][0]
+            up = f"{base / p0['reconstruction']:.2f}x" if base else "-"
+            lines.append(f"| {name} | {p0['reconstruction']:.1f} | {up} | "
+                         + " | ".join(f"{p0.get(k, 0.0):.1f}" for k in keys) + " |")
     if r.get("notes"):
         lines += ["", "## Reading the numbers", "", r["notes"]]
     return "\n".join(lines) + "\n"
@@ -255,7 +361,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs")
     ap.add_argument("--memory", action="store_true", help="also the memory formula check and table")
     ap.add_argument("--iteration", action="store_true",
-                    help="also one block's reconstruction iteration in each layout, profiled (minutes)")
+                    help="also one block's reconstruction iteration in each layout, profiled (about 10 minutes)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each iteration layout, alternating")
+    ap.add_argument("--phases", action="store_true",
+                    help="also the reconstruction stage split by phase in each layout (about 10 minutes)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from vitq.data import atomic_write_bytes
@@ -271,13 +380,25 @@ def main() -> None:
         atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
         atomic_write_bytes(HERE / "distributed.md", lambda fh: fh.write(summarise(r).encode()))
         print(layout, r["layouts"][layout], flush=True)
+    def save() -> None:
+        atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
+        atomic_write_bytes(HERE / "distributed.md", lambda fh: fh.write(summarise(r).encode()))
+
     if args.iteration:
+        r["iteration"] = {}
+        r["iteration_machine"] = machine()
+        for _ in range(args.repeats):  # alternating, so a slow spell of the machine hits every layout
+            for layout in ITERATION_LAYOUTS:
+                r["iteration"].setdefault(layout, {"runs": []})["runs"].append(measure_iteration(layout))
+                save()
+                print(layout, r["iteration"][layout]["runs"][-1], flush=True)
+    if args.phases:
+        r["phases"] = {}
         for layout in LAYOUTS:
-            r.setdefault("iteration", {})[layout] = measure_iteration(layout)
-            r["iteration_machine"] = machine()
-            atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
-            atomic_write_bytes(HERE / "distributed.md", lambda fh: fh.write(summarise(r).encode()))
-            print(layout, r["iteration"][layout], flush=True)
+            r["phases"][layout] = measure_phases(layout)
+            r["phases_machine"] = machine()
+            save()
+            print(layout, r["phases"][layout], flush=True)
     if args.memory:
         r["memory"] = measure_memory()
         atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))

@@ -230,6 +230,33 @@ def test_sharded_draws_equal_one_draw_of_the_whole_batch():
         distributed._ACTIVE = saved
 
 
+def test_a_ranks_block_batch_is_its_rows_of_the_whole_batch_and_draws_the_same():
+    # BlockContext.batch with a rank's rows gathers only those rows from the caches, but QDrop's
+    # input mask is drawn for the whole batch: the rows equal the whole batch's, and the
+    # generator ends where one process's ends
+    from vitq.reconstruction import ReconConfig
+    from vitq.reconstruction.extension import BlockContext
+
+    x_fp, x_q, y = torch.randn(20, 5, 4), torch.randn(20, 5, 4), torch.randn(20, 5, 4)
+    idx = torch.tensor([3, 17, 0, 8, 11, 5, 19])
+
+    def ctx(seed: int) -> BlockContext:
+        return BlockContext(None, "b", None, x_fp, x_q, y, ReconConfig(), torch.device("cpu"),
+                            torch.Generator().manual_seed(seed))
+
+    one = ctx(0)
+    whole_x, whole_y = one.batch(idx)
+    after_one = torch.rand(3, generator=one.gen)
+    assert not torch.equal(whole_x, x_fp[idx]) and not torch.equal(whole_x, x_q[idx])  # a real mix
+    for rows in (slice(0, 4), slice(4, 7)):
+        part = ctx(0)
+        xb, yb = part.batch(idx, rows)
+        assert torch.equal(xb, whole_x[rows]) and torch.equal(yb, whole_y[rows])
+        assert torch.equal(torch.rand(3, generator=part.gen), after_one)
+    xb, _ = ctx(1).batch(idx, slice(4, 7))
+    assert not torch.equal(xb, whole_x[4:7])
+
+
 def test_shares_are_contiguous_and_cover_everything():
     d = distributed.Dist(None, 0, 3, torch.device("cpu"))
     spans = [d.span(10, r) for r in range(3)]

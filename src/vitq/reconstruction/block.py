@@ -125,13 +125,12 @@ def reconstruct_block(model: nn.Module, name: str, block: nn.Module, x_fp: torch
         idx = ext.sample(it, n, cfg.batch_size, gen)
         if idx is None:
             idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
-        xb, yb = ctx.batch(idx)
         # distributed: every rank draws the same global batch and runs its slice; its loss is the
         # slice's mean weighted by its share, so the ranks' gradients sum to the global batch's
         total = len(idx)
         start, stop, share = distributed.batch_slice(total)
-        if dist is not None:
-            xb, yb, idx = xb[start:stop], yb[start:stop], idx[start:stop]
+        xb, yb = ctx.batch(idx, slice(start, stop))
+        idx = idx[start:stop]
         with distributed.sharded_draws(start, stop, total), amp:
             out = block(xb)
         out = out.float()

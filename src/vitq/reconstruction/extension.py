@@ -28,15 +28,22 @@ class BlockContext:
     device: torch.device
     gen: torch.Generator
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block input and float target for sample indices ``idx`` (per ``cfg.input_mode``)."""
+    def batch(self, idx: torch.Tensor, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block input and float target for sample indices ``idx`` (per ``cfg.input_mode``).
+
+        ``rows``: the part of the batch this process computes (a rank's slice); QDrop's input mask
+        is drawn for the whole batch all the same, so the generator advances as in one process,
+        and only the rows kept are gathered from the caches.
+        """
+        full = len(idx)
+        idx = idx[rows]
         xb_fp, yb = self.x_fp[idx].to(self.device), self.y_fp[idx].to(self.device)
         if self.cfg.input_mode == "rinp":
             return xb_fp, yb
         xb_q = self.x_q[idx].to(self.device)
         if self.cfg.input_mode == "qinp":
             return xb_q, yb
-        keep = keep_where(xb_fp.shape, self.cfg.drop_prob, self.gen).to(self.device)
+        keep = keep_where((full, *xb_fp.shape[1:]), self.cfg.drop_prob, self.gen)[rows].to(self.device)
         return torch.where(keep, xb_q, xb_fp), yb
 
 
