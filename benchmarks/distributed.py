@@ -373,20 +373,23 @@ def main() -> None:
     path = HERE / "distributed.json"
     r = json.loads(path.read_text()) if path.is_file() else {}
     r.update(command="python benchmarks/distributed.py", versions=versions())
-    for layout in args.layouts:
-        r.setdefault("layouts", {})[layout] = run_layout(layout, args.work)
-        r["layouts_machine"] = machine()  # the CPU the layout rows ran on (the speed-ups depend on it)
-        r["layouts"] = {k: r["layouts"][k] for k in LAYOUTS if k in r["layouts"]}
-        atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
-        atomic_write_bytes(HERE / "distributed.md", lambda fh: fh.write(summarise(r).encode()))
-        print(layout, r["layouts"][layout], flush=True)
+
+    def cpu() -> dict:  # each layout sets its own threads: the benchmark process's count means nothing
+        return {**machine(), "torch_threads": "per layout (OMP_NUM_THREADS)"}
+
     def save() -> None:
         atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
         atomic_write_bytes(HERE / "distributed.md", lambda fh: fh.write(summarise(r).encode()))
 
+    for layout in args.layouts:
+        r.setdefault("layouts", {})[layout] = run_layout(layout, args.work)
+        r["layouts_machine"] = cpu()  # the CPU the layout rows ran on (the speed-ups depend on it)
+        r["layouts"] = {k: r["layouts"][k] for k in LAYOUTS if k in r["layouts"]}
+        save()
+        print(layout, r["layouts"][layout], flush=True)
     if args.iteration:
         r["iteration"] = {}
-        r["iteration_machine"] = machine()
+        r["iteration_machine"] = cpu()
         for _ in range(args.repeats):  # alternating, so a slow spell of the machine hits every layout
             for layout in ITERATION_LAYOUTS:
                 r["iteration"].setdefault(layout, {"runs": []})["runs"].append(measure_iteration(layout))
@@ -396,13 +399,12 @@ def main() -> None:
         r["phases"] = {}
         for layout in LAYOUTS:
             r["phases"][layout] = measure_phases(layout)
-            r["phases_machine"] = machine()
+            r["phases_machine"] = cpu()
             save()
             print(layout, r["phases"][layout], flush=True)
     if args.memory:
         r["memory"] = measure_memory()
-        atomic_write_bytes(path, lambda fh: fh.write(json.dumps(r, indent=2).encode()))
-        atomic_write_bytes(HERE / "distributed.md", lambda fh: fh.write(summarise(r).encode()))
+        save()
 
 
 if __name__ == "__main__":

@@ -297,6 +297,45 @@ def test_centred_scorers_equal_the_plain_error_after_bias_correction():
     assert (ref - ref[0]).abs().max() > 1e-2 * ref.max()
 
 
+def test_search_workspaces_give_the_same_scores_bit_for_bit_and_stay_one_buffer():
+    """The eager search kernels write each candidate into one buffer (glibc's heap fragmented under
+    a fresh input-sized tensor per candidate): the scores are exactly those of fresh tensors, and the
+    buffer is the one every candidate reuses."""
+    from vitq.calibration import mse_search
+    from vitq.quantizers import kernels
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.nn.functional.gelu(torch.randn(300, 12, generator=g) * 2)
+    qmax = 7
+    buf = kernels.workspace_for(x)
+    assert buf is not None and buf.shape == x.shape  # eager here: the compiled kernels need none
+    with kernels.compiled_kernels():
+        assert kernels.workspace_for(x) is None
+    cands = [(torch.tensor(0.05 + 0.03 * i), torch.tensor(float(z))) for i in range(5) for z in (0, 2)]
+    for s, z in cands:
+        fresh = ((kernels.fake_quant_values(x, s, z, 0, qmax) - x) ** 2).sum()
+        got = kernels.quant_sq_error(x, s, z, 0, qmax, out=buf)
+        assert torch.equal(got, fresh)
+        assert torch.equal(kernels.quant_error(x, s, z, 0, qmax, out=buf), kernels.quant_error(x, s, z, 0, qmax))
+        assert kernels.quant_error(x, s, z, 0, qmax, out=buf).data_ptr() == buf.data_ptr()
+    # a buffer that does not fit (another shape or dtype) is not used: a new tensor, the same numbers
+    wrong = torch.empty(5, 12)
+    assert torch.equal(kernels.quant_error(x, *cands[3], 0, qmax, out=wrong), kernels.quant_error(x, *cands[3], 0, qmax))
+    for out_features in (8, 20):  # through the (in x in) Gram matrix and directly
+        w = torch.randn(out_features, 12, generator=g)
+        w_hat = fake_quant(w, torch.full((out_features, 1), 0.3), torch.full((out_features, 1), 4.0), qmax)
+        score = mse_search._activation_output_scorer(x, w, w_hat, qmax)
+        r = x @ (w - w_hat).t()
+        for s, z in cands:
+            e = kernels.quant_error(x, s, z, 0, qmax)
+            if out_features >= 12:
+                gram, rw = w_hat.t() @ w_hat, r @ w_hat
+                fresh = ((e @ gram) * e).sum() - 2 * (rw * e).sum()
+            else:
+                fresh = (r - e @ w_hat.t()).pow(2).sum()
+            assert torch.equal(score(s, z), fresh)
+
+
 def test_bias_correction_cancels_each_layers_mean_output_error(images, tmp_path):
     """With ``bias_correction`` every quantized Linear's output error on its calibration inputs has mean
     ~0 per output (without it: not); the float model is untouched; the model saves and reloads, packs

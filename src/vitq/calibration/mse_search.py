@@ -13,7 +13,7 @@ from ..qmodules import QuantConv2d, QuantLinear, QuantMatMul
 from ..quantizers import UniformQuantizer
 from .config import CalibConfig
 from ..quantizers.uniform import params_from_range
-from ..quantizers.kernels import reference_active, sq_diff_sum
+from ..quantizers.kernels import reference_active, sq_diff_sum, workspace_for
 from .stats import _quantile, _subsample_rows, init_percentile_search, quant_error, quant_sq_error
 
 
@@ -141,7 +141,8 @@ def _best_self(t: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmax: i
 def _best_tensor_self(x: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, qmax: int, bits: int,
                       refine: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-tensor (scale, zp) with the lowest self-MSE; ``refine``: (fine scales, span) as in ``_pick``."""
-    return _pick(lambda s, z: quant_sq_error(x, s[0], z[0], qmax), scales[None], zps[None], bits, *refine)
+    buf = workspace_for(x)  # every candidate's error in one buffer
+    return _pick(lambda s, z: quant_sq_error(x, s[0], z[0], qmax, out=buf), scales[None], zps[None], bits, *refine)
 
 
 def _activation_output_scorer(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor, qmax: int,
@@ -160,10 +161,17 @@ def _activation_output_scorer(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Ten
         gram = w_hat.t() @ w_hat
         rw = r @ w_hat
     r_mean = r.mean(0) if centred else None
+    # buffers every candidate writes into (the same products as new tensors, without a fresh
+    # allocation of the input's size per candidate: see kernels.workspace_for)
+    e_buf = workspace_for(x)
+    prod = torch.empty_like(x) if use_gram else torch.empty_like(r)
 
     def score(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        e = quant_error(x, s, z, qmax)
-        err = ((e @ gram) * e).sum() - 2 * (rw * e).sum() if use_gram else (r - e @ w_hat.t()).pow(2).sum()
+        e = quant_error(x, s, z, qmax, out=e_buf)
+        if use_gram:
+            err = torch.mm(e, gram, out=prod).mul_(e).sum() - 2 * torch.mul(rw, e, out=prod).sum()
+        else:
+            err = torch.sub(r, torch.mm(e, w_hat.t(), out=prod), out=prod).pow_(2).sum()
         if centred:
             shift = r_mean - e.mean(0) @ w_hat.t()
             err = err - len(x) * shift.dot(shift)

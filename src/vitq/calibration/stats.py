@@ -27,20 +27,22 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     return fake_quant_values(x, scale, zero_point, 0, qmax)
 
 
-def quant_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
-    """``fake_quant(x) - x`` (one fused loop under ``compiled_kernels``)."""
+def quant_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``fake_quant(x) - x`` (one fused loop under ``compiled_kernels``); ``out``: a workspace
+    (``kernels.workspace_for``) the eager kernels may write into."""
     if reference_active():
         return fake_quant(x, scale, zero_point, qmax) - x
-    return kernels.quant_error(x, scale, zero_point, 0, qmax)
+    return kernels.quant_error(x, scale, zero_point, 0, qmax, out)
 
 
 def quant_sq_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int,
-                   dim: int | None = None) -> torch.Tensor:
-    """``sum((fake_quant(x) - x)^2)`` over ``dim`` (None: all elements)."""
+                   dim: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum((fake_quant(x) - x)^2)`` over ``dim`` (None: all elements); ``out`` as in :func:`quant_error`."""
     if reference_active():
         e = (fake_quant(x, scale, zero_point, qmax) - x).pow(2)
         return e.sum() if dim is None else e.sum(dim)
-    return kernels.quant_sq_error(x, scale, zero_point, 0, qmax, dim)
+    return kernels.quant_sq_error(x, scale, zero_point, 0, qmax, dim, out)
 
 
 def _subsample_rows(x: torch.Tensor, n: int | None, gen: torch.Generator) -> torch.Tensor:
