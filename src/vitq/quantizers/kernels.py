@@ -219,9 +219,11 @@ def workspace_for(x: torch.Tensor) -> torch.Tensor | None:
     where the compiled kernels run (they need none).
 
     Why: a search scores a hundred or more candidates, each through an error tensor the size of
-    the layer's whole calibration input; a new one per candidate left glibc's heap fragmented, and
-    a one-process calibration's resident memory rose from 1.9 to 4.3 GB and back within a single
-    search (cifar10_vit, 128 images). One buffer per search computes the same numbers.
+    the layer's whole calibration input. With a new one per candidate, a one-process calibration's
+    resident memory was seen to climb from 1.9 to 4.4 GB within single searches and fall back after
+    (cifar10_vit, 128 images; the stack in these kernels), most likely glibc's heap fragmenting; the
+    peaks come and go from run to run (benchmarks/distributed.md). One buffer per search computes
+    the same numbers without those allocations.
     """
     return None if _compiling() else torch.empty_like(x)
 
