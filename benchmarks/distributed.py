@@ -156,26 +156,33 @@ distributed.shutdown()
 ITERATION_LAYOUTS = {**{k: (v, {}) for k, v in LAYOUTS.items()}, "2x1 no all-reduce": ((2, 1), {"SKIP_GRAD_SUM": "1"})}
 
 
+def run_probe(what: str, layout: str, script: str, procs: int, threads: int, args: list[str],
+              extra_env: dict | None = None) -> list:
+    """Run ``script`` (a module's text) as ``procs`` processes of ``threads`` threads each (torchrun for
+    several) and return what rank 0 printed after ``RESULT `` (one entry per rank)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src"), **(extra_env or {})}
+    if procs == 1:
+        argv = [sys.executable, "-c", script, *args]
+    else:  # torchrun runs a script file, not -c
+        worker = ROOT / "runs" / f"{what}_worker.py"
+        worker.parent.mkdir(parents=True, exist_ok=True)
+        worker.write_text(script)
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
+                str(worker), *args]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{layout} {what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
 def measure_iteration(layout: str, iters: int = 60) -> dict:
     """One reconstruction iteration of cifar10_vit blocks.1 (batch 32, compiled kernels, the fimaq
     loss) in ``layout``: the median step time of each rank, the median time inside the gradient
     all-reduce and where the profiled time goes."""
     (procs, threads), extra = ITERATION_LAYOUTS[layout]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src"), **extra}
-    script = ["-c", ITERATION, str(HERE), str(iters)]
-    if procs == 1:
-        argv = [sys.executable, *script]
-    else:  # torchrun runs a script file, not -c
-        worker = ROOT / "runs" / "iteration_worker.py"
-        worker.parent.mkdir(parents=True, exist_ok=True)
-        worker.write_text(ITERATION)
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
-                str(worker), str(HERE), str(iters)]
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise SystemExit(f"{layout} iteration failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return {"ranks": json.loads(line[len("RESULT "):]), "iters": iters}
+    ranks = run_probe("iteration", layout, ITERATION, procs, threads, [str(HERE), str(iters)], extra)
+    return {"ranks": ranks, "iters": iters}
 
 
 PHASES = """
@@ -225,20 +232,7 @@ def measure_phases(layout: str, iters: int = 100) -> dict:
     calibration) in ``layout``, its seconds split by phase: Fisher snapshots (5 per block), block
     inputs, float outputs, the iterations with the before/after checks."""
     procs, threads = LAYOUTS[layout]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
-    if procs == 1:
-        argv = [sys.executable, "-c", PHASES, str(iters)]
-    else:
-        worker = ROOT / "runs" / "phases_worker.py"
-        worker.parent.mkdir(parents=True, exist_ok=True)
-        worker.write_text(PHASES)
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
-                str(worker), str(iters)]
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise SystemExit(f"{layout} phases failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return {"ranks": json.loads(line[len("RESULT "):]), "iters": iters}
+    return {"ranks": run_probe("phases", layout, PHASES, procs, threads, [str(iters)]), "iters": iters}
 
 
 def measure_memory() -> dict:
