@@ -262,6 +262,12 @@ def test_snapshot_images_flag_reaches_the_reconstruction_and_bad_values_are_one_
 
     assert recipe("--recipe", "fimaq-diag+rot+log", "--snapshot-images", "128").reconstruction.snapshot_images == 128
     assert recipe("--recipe", "fimaq").reconstruction.snapshot_images is None
+    # the Swin's best W3A3 setting (benchmarks/beyond.md, group swindplr) as the README gives it
+    swin = recipe("--recipe", "fimaq+rot+log", "--iters", "1000", "--snapshot-images", "128", "--refine-iters", "200",
+                  "--refine-learn-biases")
+    assert (swin.reconstruction.loss, swin.reconstruction.iters, swin.rotation) == ("fimaq_dplr", 1000, "hadamard")
+    assert swin.refine is not None and swin.refine.iters == 200 and swin.refine.learn_biases
+    assert swin.refine.rounding == "hard"
     assert recipe("--recipe", "fimaq", "--first-block-iters", "900").reconstruction.first_block_iters == 900
     assert recipe("--recipe", "fimaq").reconstruction.first_block_iters is None
     with pytest.raises(VitqError, match="snapshot_images must be between 1 and optim_size"):

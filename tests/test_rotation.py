@@ -164,6 +164,9 @@ def test_rotation_presets_rotate():
     fimaq = vitq.get_recipe("fimaq-diag+rot")
     assert fimaq.rotation == "hadamard" and fimaq.reconstruction.loss == vitq.get_recipe("fimaq-diag").reconstruction.loss
     assert vitq.get_recipe("mse").rotation == "none"
+    dplr = vitq.get_recipe("fimaq+rot+log")
+    assert (dplr.rotation, dplr.softmax_quantizer) == ("hadamard", "log")
+    assert dplr.reconstruction.loss == vitq.get_recipe("fimaq").reconstruction.loss == "fimaq_dplr"
 
 
 def test_bad_rotation_is_one_line(tiny_vit_dir, colour_tree, tmp_path, capsys):
