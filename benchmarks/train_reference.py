@@ -8,7 +8,9 @@ Two stages, both resumable from per-epoch checkpoints in ``--work``:
 2. Train the timm ViT / Swin (``--model``) from scratch with knowledge distillation from that teacher
    (soft targets, as in DeiT's CNN-teacher recipe), label smoothing, crop+flip
    augmentation, AdamW with warm-up and cosine decay, bf16 autocast on CPUs with native bf16
-   (``--precision auto``; on an AVX2-only CPU bf16 runs ~10x slower than fp32, so fp32 there).
+   (``--precision auto``; on an AVX2-only CPU bf16 runs ~10x slower than fp32, so fp32 there) and
+   on GPUs (``--device cuda``: the images stay on the CPU, where the augmentation draws its crops,
+   and each batch moves to the device).
 
 Reproduce: the commands that produced the shipped checkpoints are the first lines of
 benchmarks/train_reference.md (cifar10_vit) and benchmarks/train_reference_swin.md (cifar10_swin).
@@ -98,8 +100,8 @@ def to_float(images: np.ndarray) -> torch.Tensor:
 
 
 def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
 
 
@@ -118,6 +120,7 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 _AUTOCAST_BF16 = True  # set by main() from --precision
+DEVICE = torch.device("cpu")  # set by main() from --device
 
 
 def cpu_has_native_bf16() -> bool:
@@ -128,7 +131,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def autocast():
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=_AUTOCAST_BF16)
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=_AUTOCAST_BF16)
 
 
 @torch.no_grad()
@@ -137,8 +140,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mean, std, batc
     correct = 0
     for i in range(0, len(x), batch):
         with autocast():
-            logits = model(normalise(x[i:i + batch], mean, std))
-        correct += (logits.argmax(1) == y[i:i + batch]).sum().item()
+            logits = model(normalise(x[i:i + batch].to(DEVICE), mean, std))
+        correct += (logits.argmax(1).cpu() == y[i:i + batch]).sum().item()
     return 100.0 * correct / len(x)
 
 
@@ -175,9 +178,9 @@ def run_epochs(name, model, opt, epochs, batch, base_lr, warmup_epochs, loss_fn,
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, warmup_epochs * steps_per_epoch, base_lr)
             idx = perm[it * batch:(it + 1) * batch]
-            xb = augment(x_tr[idx], gen)
+            xb = augment(x_tr[idx], gen).to(DEVICE)
             with autocast():
-                loss = loss_fn(model, xb, y_tr[idx])
+                loss = loss_fn(model, xb, y_tr[idx].to(DEVICE))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -210,8 +213,9 @@ def main() -> None:
     ap.add_argument("--finetune-lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                    help="training/eval autocast: bf16 where the CPU has native bf16 (auto), or forced")
+                    help="training/eval autocast: bf16 where the CPU or GPU has native bf16 (auto), or forced")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (checkpoints resume on either)")
     ap.add_argument("--out", type=Path, default=None, help="model folder (default src/vitq/assets/<model>)")
     args = ap.parse_args()
     args.work = args.work or Path(f"runs/train_{args.model}")
@@ -219,9 +223,13 @@ def main() -> None:
     family, arch = REFERENCE_MODELS[args.model]
     if args.threads:
         torch.set_num_threads(args.threads)
-    global _AUTOCAST_BF16
-    _AUTOCAST_BF16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_native_bf16())
-    print(f"autocast: {'bf16' if _AUTOCAST_BF16 else 'fp32 (no native bf16 on this CPU)'}", flush=True)
+    global _AUTOCAST_BF16, DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
+    native_bf16 = torch.cuda.is_bf16_supported() if DEVICE.type == "cuda" else cpu_has_native_bf16()
+    _AUTOCAST_BF16 = args.precision == "bf16" or (args.precision == "auto" and native_bf16)
+    print(f"autocast: {'bf16' if _AUTOCAST_BF16 else 'fp32 (no native bf16 on this device)'}", flush=True)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -233,7 +241,7 @@ def main() -> None:
     x_te, y_te = to_float(te_img), torch.from_numpy(te_lab)
 
     # ---- stage 1: teacher fine-tune
-    teacher = load_teacher(args.teacher)
+    teacher = load_teacher(args.teacher).to(DEVICE)
     teacher_log: list = []
     teacher_before = evaluate(teacher, x_te, y_te, IMAGENET_MEAN, IMAGENET_STD)
     print(f"[teacher] before fine-tuning: {teacher_before:.2f}%", flush=True)
@@ -251,7 +259,7 @@ def main() -> None:
 
     # ---- stage 2: the student, distilled
     torch.manual_seed(args.seed)
-    student = build_reference(args.model)
+    student = build_reference(args.model).to(DEVICE)
     def decayed(n: str, p: torch.Tensor) -> bool:
         return p.ndim > 1 and not any(k in n for k in ("pos_embed", "cls_token", "relative_position_bias_table"))
 
@@ -286,7 +294,8 @@ def main() -> None:
     # ---- final fp32 evaluation and export
     student.eval()
     with torch.no_grad():
-        correct = sum((student(normalise(x_te[i:i + 500], CIFAR10_MEAN, CIFAR10_STD)).argmax(1) == y_te[i:i + 500]).sum().item()
+        correct = sum((student(normalise(x_te[i:i + 500].to(DEVICE), CIFAR10_MEAN, CIFAR10_STD)).argmax(1).cpu()
+                       == y_te[i:i + 500]).sum().item()
                       for i in range(0, len(x_te), 500))
     fp32_top1 = 100.0 * correct / len(x_te)
     total_s = time.time() - t_start
@@ -295,7 +304,7 @@ def main() -> None:
     from safetensors.torch import save_file
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / ".model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(tmp))
+    save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(tmp))
     os.replace(tmp, args.out / "model.safetensors")
     meta = {
         "name": args.model,
@@ -308,7 +317,7 @@ def main() -> None:
             "command": "python benchmarks/train_reference.py " + " ".join(sys.argv[1:]),
             "epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "batch_size": args.batch_size,
             "finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr,
-            "lr": args.lr, "kd_alpha": a, "kd_temp": T, "seed": args.seed,
+            "lr": args.lr, "kd_alpha": a, "kd_temp": T, "seed": args.seed, "device": DEVICE.type,
             "teacher_top1_before": teacher_before, "precision": "bf16" if _AUTOCAST_BF16 else "fp32", "teacher_top1_after": teacher_log[-1]["test_top1"] if teacher_log else None,
         },
     }

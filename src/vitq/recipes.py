@@ -183,8 +183,9 @@ PRESETS: dict[str, Recipe] = {
     # QDropped): the post-softmax attention carries much of cifar10_vit's W4A4 error (benchmarks/error_sources.md)
     "fimaq-diag+rot+log": Recipe(name="fimaq-diag+rot+log", rotation="hadamard", softmax_quantizer="log",
                                  reconstruction=ReconConfig(loss="fimaq_diag")),
-    # the same rotation and grid under FIMA-Q's DPLR loss (beyond.md group swindplr: the best held-out
-    # and test means on cifar10_swin W3A3 at 1000 iterations, where the diagonal loss stops gaining at 250)
+    # the same rotation and grid under FIMA-Q's DPLR loss (beyond.md group swindplr: at 1000 iterations,
+    # with 200 of refinement, the best held-out and test means on cifar10_swin W3A3, where the diagonal
+    # loss stops gaining at 250)
     "fimaq+rot+log": Recipe(name="fimaq+rot+log", rotation="hadamard", softmax_quantizer="log",
                             reconstruction=ReconConfig(loss="fimaq_dplr")),
     "fimaq+dfq": Recipe(name="fimaq+dfq", softmax_quantizer="dfq", reconstruction=ReconConfig(loss="fimaq_dplr")),
