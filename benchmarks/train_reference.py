@@ -224,7 +224,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     global _AUTOCAST_BF16, DEVICE
-    DEVICE = torch.device(args.device)
+    try:
+        DEVICE = torch.device(args.device)
+    except RuntimeError:
+        sys.exit(f"--device {args.device}: not a device name; use cpu or cuda[:N]")
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
     native_bf16 = torch.cuda.is_bf16_supported() if DEVICE.type == "cuda" else cpu_has_native_bf16()
