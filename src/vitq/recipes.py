@@ -28,8 +28,8 @@ preset         what it is
                the rotated recipe chosen on held-out images (benchmarks/beyond.md)
 ``fimaq-diag+rot+log``  the same with a logarithmic post-softmax grid (log-sqrt2 from 4 bits, log2
                below): the post-softmax attention carries much of cifar10_vit's W4A4 error
-``fimaq+rot+log``  FIMA-Q's DPLR loss with the same rotation and post-softmax grid: unlike the
-               diagonal loss it keeps gaining with budget on ``cifar10_swin`` (benchmarks/beyond.md)
+``fimaq+rot+log``  FIMA-Q's DPLR loss with the same rotation and post-softmax grid: the best
+               ``cifar10_swin`` W3A3 recipe measured, at 1000 iterations (benchmarks/beyond.md)
 ``fimaq+dfq``  FIMA-Q with AIQViT's dynamic focusing quantizer (learned [b1, b2]) on post-softmax attention
 ``aiqvit``     AIQViT on its own base: RepQ-ViT calibration, MSE reconstruction without AdaRound,
                DFQ, low-rank compensation with searched ranks, curriculum (aiqvit.md §1.2)
@@ -184,8 +184,8 @@ PRESETS: dict[str, Recipe] = {
     "fimaq-diag+rot+log": Recipe(name="fimaq-diag+rot+log", rotation="hadamard", softmax_quantizer="log",
                                  reconstruction=ReconConfig(loss="fimaq_diag")),
     # the same rotation and grid under FIMA-Q's DPLR loss (beyond.md group swindplr: at 1000 iterations,
-    # with 200 of refinement, the best held-out and test means on cifar10_swin W3A3, where the diagonal
-    # loss stops gaining at 250)
+    # with 200 of refinement, the best held-out and test means on cifar10_swin W3A3; the diagonal
+    # loss gained nothing there from 250 to 1000)
     "fimaq+rot+log": Recipe(name="fimaq+rot+log", rotation="hadamard", softmax_quantizer="log",
                             reconstruction=ReconConfig(loss="fimaq_dplr")),
     "fimaq+dfq": Recipe(name="fimaq+dfq", softmax_quantizer="dfq", reconstruction=ReconConfig(loss="fimaq_dplr")),
