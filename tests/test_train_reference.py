@@ -28,12 +28,15 @@ class Killed(Exception):
     pass
 
 
-def _train(tr, work: Path, kill_at_step: int | None = None) -> tuple[nn.Module, list]:
+def _tiny_model() -> nn.Module:
     torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+
+
+def _train(tr, work: Path, kill_at_step: int | None = None) -> tuple[nn.Module, list]:
     x = torch.rand(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 10, (48,), generator=torch.Generator().manual_seed(2))
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    model = _tiny_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     calls = [0]
 
@@ -60,6 +63,4 @@ def test_killed_training_resumes_to_the_uninterrupted_result(train_reference, tm
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     # and training moved the weights (the comparison is not between two untouched models)
-    torch.manual_seed(0)
-    fresh = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
-    assert not torch.equal(fresh[2].weight, whole[2].weight)
+    assert not torch.equal(_tiny_model()[2].weight, whole[2].weight)
